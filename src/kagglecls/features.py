@@ -1,0 +1,160 @@
+"""Precomputed activations: the frozen body's concat-pooled output, streamed to float16 memory-mapped arrays.
+
+Memory stays bounded by one batch whatever the dataset size. DVC hashes the arrays and their inputs, so a
+change of images, arch or size reruns precompute: no cache of our own that could go stale.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from kagglecls import plots
+from kagglecls.data import EvalPreset
+from kagglecls.loading import (
+    build_model,
+    image_loader,
+    load_splits,
+    normalisation_for,
+    step_settings,
+    to_device,
+)
+from kagglecls.models import Classifier
+from kagglecls.params import Params
+from kagglecls.training import StepSettings, pick_device, seed_everything
+
+
+@torch.inference_mode()
+def write_features(
+    model: Classifier, loader: Iterable, *, n_items: int, path: Path, settings: StepSettings, description: str
+) -> None:
+    """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically."""
+    model.eval()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    array = None
+    position = 0
+    for inputs, _targets in tqdm(loader, desc=description, leave=False):
+        with settings.autocast():
+            features = model.features(settings.move(inputs)).float().cpu().numpy()
+        if array is None:
+            array = np.lib.format.open_memmap(
+                temporary, mode="w+", dtype=np.float16, shape=(n_items, features.shape[1])
+            )
+        array[position : position + len(features)] = features
+        position += len(features)
+    if array is None:
+        raise ValueError(f"{path}: nothing to precompute: the loader is empty")
+    if position != n_items:
+        raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
+    array.flush()
+    del array
+    os.replace(temporary, path)
+
+
+class FeatureDataset(Dataset):
+    """Rows of a features array with their label indices; the array stays memory-mapped."""
+
+    def __init__(self, path: Path, labels: np.ndarray | None = None) -> None:
+        self.features = np.load(path, mmap_mode="r")
+        self.labels = labels if labels is not None else np.full(len(self.features), -1, dtype=np.int64)
+        if len(self.labels) != len(self.features):
+            raise ValueError(f"{path}: {len(self.features)} rows but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)), int(self.labels[index])
+
+
+class FeatureBatches:
+    """Batches straight from the array by slicing (far cheaper than one item at a time), shuffled per epoch."""
+
+    def __init__(
+        self, dataset: FeatureDataset, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool
+    ) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.seed, self.drop_last = seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> FeatureBatches:
+        return self  # fit() calls loader.sampler.set_epoch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):  # noqa: ANN204
+        n = len(self.dataset)
+        order = np.arange(n)
+        if self.shuffle:
+            order = np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(n)
+        for batch in range(len(self)):
+            indices = np.sort(order[batch * self.batch_size : (batch + 1) * self.batch_size])
+            inputs = torch.from_numpy(np.asarray(self.dataset.features[indices], dtype=np.float32))
+            yield inputs, torch.from_numpy(self.dataset.labels[indices].astype(np.int64))
+
+
+def feature_loader(
+    path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
+) -> FeatureBatches | DataLoader:
+    dataset = FeatureDataset(path, labels)
+    # Training drops a last batch of one: BatchNorm cannot train on a single row.
+    drop_last = shuffle and len(dataset) % batch_size == 1
+    return FeatureBatches(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: Path) -> None:
+    """Activations of the frozen pretrained body (eval transforms: no augmentation) for train, valid and test."""
+    seed_everything(params.base.seed)
+    device = pick_device(params.base.device)
+    splits, classes = load_splits(reorganised)
+    settings = step_settings(params, device)
+    model = to_device(build_model(params, len(classes), pretrained=params.model.pretrained), settings)
+    size = params.base.image_size
+    transform = EvalPreset(size=size, normalisation=normalisation_for(params.model.arch))
+    temporary = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name, split in splits.items():
+        if not split.rows:
+            continue
+        loader = image_loader(
+            params,
+            reorganised,
+            cache_dir,
+            split,
+            transform=transform,
+            shuffle=False,
+            size=size,
+            batch_size=params.precompute.batch_size,
+        )
+        write_features(
+            model,
+            loader,
+            n_items=len(split.rows),
+            path=temporary / f"{name}.npy",
+            settings=settings,
+            description=f"precompute {name}",
+        )
+    plots.write_json(
+        {
+            "arch": params.model.arch,
+            "image_size": size,
+            "rows": {name: len(split.rows) for name, split in splits.items()},
+        },
+        temporary / "meta.json",
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(temporary, out_dir)

@@ -1,0 +1,345 @@
+"""Stages train_head, train_augmented and finetune: the three ways the recipe trains."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kagglecls import plots
+from kagglecls.data import EvalPreset, TrainPreset, file_md5
+from kagglecls.features import feature_loader
+from kagglecls.loading import (
+    build_model,
+    image_loader,
+    load_classifier,
+    load_splits,
+    normalisation_for,
+    step_settings,
+    to_device,
+)
+from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
+from kagglecls.params import AugmentedFitParams, FitParams, Params
+from kagglecls.schedule import make_schedule, sgdr_epochs
+from kagglecls.training import (
+    DistributedContext,
+    FitPlan,
+    StepSettings,
+    fingerprint_of,
+    fit,
+    init_distributed,
+    lr_find,
+    make_optimizer,
+    pick_device,
+    save_atomic,
+    seed_everything,
+    suggest_lr,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    model: Path
+    metrics: Path
+    plots_dir: Path
+    checkpoint: Path | None = None
+
+
+def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot_path: Path | None):  # noqa: ANN001, ANN201
+    """The lr to train with: fixed, or lr_find's suggestion. The sweep leaves the weights as they were."""
+    if fit_params.lr != "auto":
+        return float(fit_params.lr), None
+    finder = fit_params.lr_find
+    result = lr_find(
+        model,
+        optimizer,
+        loader,
+        start_lr=finder.start_lr,
+        end_lr=finder.end_lr,
+        num_steps=finder.num_steps,
+        settings=settings,
+    )
+    suggested = suggest_lr(result, finder.suggestion)
+    log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
+    if plot_path is not None:
+        plots.plot_lr_find(result.lrs, result.losses, suggested=suggested, path=plot_path)
+        plots.write_csv(
+            [{"lr": lr, "loss": loss} for lr, loss in zip(result.lrs, result.losses, strict=True)],
+            plot_path.with_suffix(".csv"),
+            columns=("lr", "loss"),
+        )
+    return suggested, result
+
+
+def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPlan:
+    epochs_float = sgdr_epochs(
+        n_cycle=fit_params.n_cycle, cycle_len=fit_params.cycle_len, cycle_mult=fit_params.cycle_mult
+    )
+    schedule = make_schedule(
+        fit_params.schedule,
+        steps_per_epoch=steps_per_epoch,
+        n_cycle=fit_params.n_cycle,
+        cycle_len=fit_params.cycle_len,
+        cycle_mult=fit_params.cycle_mult,
+        warmup=fit_params.warmup,
+    )
+    return FitPlan(
+        epochs=max(1, round(epochs_float)), steps_per_epoch=steps_per_epoch, schedule=schedule, seed=seed
+    )
+
+
+def write_stage_results(
+    history: list[dict], *, lr: float | list[float], outputs: StageOutputs, extra: dict
+) -> None:
+    last = history[-1]
+    metrics = {
+        "valid_log_loss": last["valid_log_loss"],
+        "valid_accuracy": last["valid_accuracy"],
+        "train_loss": last["train_loss"],
+        "epochs": len(history),
+        "lr": lr,
+        **extra,
+    }
+    plots.write_json(metrics, outputs.metrics)
+    plots.write_csv(
+        history,
+        outputs.plots_dir / "history.csv",
+        columns=("epoch", "train_loss", "valid_log_loss", "valid_accuracy"),
+    )
+    log.info("valid log loss %.4f, accuracy %.4f", metrics["valid_log_loss"], metrics["valid_accuracy"])
+
+
+def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs: StageOutputs) -> None:
+    """lr_find, then the head trained on the precomputed activations (precompute=True in fastai)."""
+    seed_everything(params.base.seed)
+    device = pick_device(params.base.device)
+    splits, classes = load_splits(reorganised)
+    fit_params = params.train_head
+    batch_size = fit_params.batch_size or params.base.batch_size
+    model = build_model(params, len(classes), pretrained=False)
+    head = model.head.to(device)
+    settings = StepSettings(device=device)
+    train_loader = feature_loader(
+        features_dir / "train.npy",
+        splits["train"].labels,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=params.base.seed,
+    )
+    valid_loader = feature_loader(
+        features_dir / "valid.npy",
+        splits["valid"].labels,
+        batch_size=256,
+        shuffle=False,
+        seed=params.base.seed,
+    )
+    optimizer = make_optimizer(
+        [list(head.parameters())], [1.0], kind=fit_params.optimizer, weight_decay=fit_params.weight_decay
+    )
+    lr, _ = choose_lr(
+        fit_params,
+        model=head,
+        optimizer=optimizer,
+        loader=train_loader,
+        settings=settings,
+        plot_path=outputs.plots_dir / "lr_find.png",
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    plan = plan_fit(fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed)
+    history = fit(
+        head,
+        optimizer,
+        plan=plan,
+        train_loader=train_loader,
+        valid_loader=valid_loader,
+        settings=settings,
+        description="train_head",
+    )
+    save_atomic({"head": head.state_dict(), "classes": classes}, outputs.model)
+    write_stage_results(history, lr=lr, outputs=outputs, extra={})
+
+
+def train_augmented(
+    *, params: Params, reorganised: Path, cache_dir: Path, head_path: Path, outputs: StageOutputs
+) -> None:
+    """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len."""
+    fit_params = params.train_augmented
+    model, classes = load_classifier(params, head_path=head_path, weights_key="head")
+    freeze_to(model, -1, frozen_bn=params.model.frozen_bn)
+    _fit_images(
+        params,
+        fit_params,
+        model,
+        reorganised=reorganised,
+        cache_dir=cache_dir,
+        outputs=outputs,
+        sizes=[params.base.image_size],
+        lr_ratio=1.0,
+        bn_statistics="batch",
+        stage="train_augmented",
+        inputs=[head_path],
+    )
+
+
+def finetune(
+    *, params: Params, reorganised: Path, cache_dir: Path, model_path: Path, outputs: StageOutputs
+) -> None:
+    """Unfreeze; differential lrs over the layer groups; SGDR with cycle_mult; one run per size (progressive)."""
+    fit_params = params.finetune
+    model, classes = load_classifier(params, head_path=model_path, weights_key="model")
+    unfreeze(model)
+    _fit_images(
+        params,
+        fit_params,
+        model,
+        reorganised=reorganised,
+        cache_dir=cache_dir,
+        outputs=outputs,
+        sizes=list(fit_params.sizes),
+        lr_ratio=fit_params.lr_ratio,
+        bn_statistics=fit_params.bn_statistics,
+        stage="finetune",
+        inputs=[model_path],
+    )
+
+
+def _fit_images(
+    params: Params,
+    fit_params: AugmentedFitParams,
+    model: Classifier,
+    *,
+    reorganised: Path,
+    cache_dir: Path,
+    outputs: StageOutputs,
+    sizes: Sequence[int],
+    lr_ratio: float,
+    bn_statistics: str,
+    stage: str,
+    inputs: Sequence[Path],
+) -> None:
+    seed_everything(params.base.seed)
+    context = init_distributed(params.base.device)
+    device = _device_for(params, context)
+    splits, classes = load_splits(reorganised)
+    settings = step_settings(params, device, model, bn_statistics=bn_statistics)
+    model = to_device(model, settings)
+    trained = _wrap_distributed(model, context, device)
+    batch_size = fit_params.batch_size or params.base.batch_size
+    histories, lrs = [], []
+    for round_index, size in enumerate(sizes):
+        loaders = _augmented_loaders(
+            params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
+        )
+        n_groups = len(model.layer_groups)
+        optimizer = make_optimizer(
+            group_parameters(model),
+            [1.0] * n_groups,
+            kind=fit_params.optimizer,
+            weight_decay=fit_params.weight_decay,
+        )
+        plot_path = outputs.plots_dir / f"lr_find_{size}.png" if context.is_main else None
+        top_lr, _ = choose_lr(
+            fit_params,
+            model=trained,
+            optimizer=optimizer,
+            loader=loaders[0],
+            settings=settings,
+            plot_path=plot_path,
+        )
+        group_lrs = differential_lrs(top_lr, n_groups=n_groups, ratio=lr_ratio)
+        trainable = [lr for lr, group in zip(group_lrs, group_parameters(model), strict=True) if group]
+        for group, lr in zip(optimizer.param_groups, trainable, strict=True):
+            group["initial_lr"] = lr
+        plan = plan_fit(fit_params, steps_per_epoch=len(loaders[0]), seed=params.base.seed + round_index)
+        fingerprint = fingerprint_of(
+            stage,
+            asdict(params),
+            size,
+            [file_md5(path) for path in inputs],
+            file_md5(reorganised / "manifest.csv"),
+        )
+        checkpoint = (
+            outputs.checkpoint.with_name(f"{outputs.checkpoint.stem}_{size}.pt")
+            if outputs.checkpoint
+            else None
+        )
+        history = fit(
+            trained,
+            optimizer,
+            plan=plan,
+            train_loader=loaders[0],
+            valid_loader=loaders[1],
+            settings=settings,
+            checkpoint=checkpoint,
+            fingerprint=fingerprint,
+            context=context,
+            description=f"{stage} size {size}",
+        )
+        histories += [{**record, "size": size} for record in history]
+        lrs.append(trainable)
+        if checkpoint is not None:
+            inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
+    if context.is_main:
+        save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
+        for index, record in enumerate(histories):
+            record["epoch"] = index + 1
+        write_stage_results(
+            histories,
+            lr=lrs[-1] if len(lrs[-1]) > 1 else lrs[-1][0],
+            outputs=outputs,
+            extra={"image_size": sizes[-1]},
+        )
+
+
+def _device_for(params: Params, context: DistributedContext) -> torch.device:
+    device = pick_device(params.base.device)
+    if device.type == "cuda" and context.enabled:
+        return torch.device("cuda", context.local_rank)
+    return device
+
+
+def _wrap_distributed(model: Classifier, context: DistributedContext, device: torch.device) -> nn.Module:
+    if not context.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size, batch_size, context):  # noqa: ANN001, ANN202
+    normalisation = normalisation_for(params.model.arch)
+    train_transform = TrainPreset(
+        size=size,
+        augmentation=fit_params.augmentation,
+        max_zoom=fit_params.max_zoom,
+        normalisation=normalisation,
+    )
+    eval_transform = EvalPreset(size=size, normalisation=normalisation)
+    train = image_loader(
+        params,
+        reorganised,
+        cache_dir,
+        splits["train"],
+        transform=train_transform,
+        shuffle=True,
+        size=size,
+        batch_size=batch_size,
+        context=context,
+    )
+    valid = image_loader(
+        params,
+        reorganised,
+        cache_dir,
+        splits["valid"],
+        transform=eval_transform,
+        shuffle=False,
+        size=size,
+        batch_size=params.precompute.batch_size,
+    )
+    return train, valid

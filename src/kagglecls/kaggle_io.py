@@ -1,0 +1,353 @@
+"""Kaggle I/O: fetch a competition (official `kaggle` client, or a local zip or folder) and submit a file.
+
+`fetch_competition` leaves `dest` holding the competition exactly as Kaggle ships it, extracted, with nested
+zips (`train.zip`, `labels.csv.zip`) unpacked in place. All work happens in a temporary folder beside `dest`
+that is moved into place with `os.replace` only when complete: a failure leaves neither a partial `dest` nor
+the temporary folder, and an existing `dest` is replaced only on success.
+
+Every failure a user can cause is a `KaggleError` whose `str()` is one line saying what happened and what to do.
+Credentials never appear in those messages nor in the logs: the client's own printing is routed to the debug
+log with every credential value removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import requests
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_URL = "https://www.kaggle.com/settings"
+# Zips inside zips are unpacked this many levels deep at most, a guard against zip bombs.
+MAX_NESTED_ZIP_DEPTH = 3
+COPY_BUFFER_BYTES = 1 << 20
+# Environment variables whose values are credentials (KAGGLE_API_TOKEN may also be a path to a token file).
+SECRET_VARIABLES = ("KAGGLE_KEY", "KAGGLE_API_TOKEN")
+
+
+class KaggleError(Exception):
+    """A failure the user can fix; str() is one line saying what happened and what to do."""
+
+
+def competition_url(competition: str) -> str:
+    return f"https://www.kaggle.com/competitions/{competition}"
+
+
+def fetch_competition(*, source: str, competition: str, dest: Path) -> None:
+    """Put `competition` into `dest`, extracted, from Kaggle (`source="kaggle"`) or a local zip or folder."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        staged = work / "extracted"  # fixed names inside `work`: a dest called "download" cannot collide
+        if source == "kaggle":
+            archive = _download(competition=competition, folder=work / "download")
+            label = f"{archive.name} downloaded from Kaggle"
+            _extract_zip(archive, staged, label=label)
+        else:
+            label = str(source)
+            _stage_local(Path(source), staged, dest=dest)
+        _unpack_nested_zips(staged, label=label)
+        _move_into_place(staged, dest, previous=work / "previous")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("competition %s from %s is in %s", competition, source, dest)
+
+
+def submit(*, submission_csv: Path, competition: str, message: str) -> str:
+    """Upload `submission_csv` to `competition` with the kaggle client; returns the server's message."""
+    submission_csv = Path(submission_csv)
+    if not submission_csv.is_file():
+        raise KaggleError(
+            f"{submission_csv}: no such file; build the submission (dvc repro) before submitting"
+        )
+    api = _authenticated_api()
+    with _client_output(api), _client_errors(api, competition=competition, action="submit to"):
+        _check_submission_limits(api, competition=competition)
+        response = api.competition_submit(str(submission_csv), message, competition, quiet=True)
+    if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+        raise KaggleError(f"upload of {submission_csv} to competition {competition!r} failed; submit again")
+    logger.info("submitted %s to %s: %s", submission_csv, competition, response.message)
+    return response.message
+
+
+# ---- the kaggle client ----
+
+
+def _download(*, competition: str, folder: Path) -> Path:
+    api = _authenticated_api()
+    with _client_output(api), _client_errors(api, competition=competition, action="download"):
+        try:
+            api.competition_download_files(competition, path=str(folder), force=True, quiet=True)
+        except ValueError as error:  # the client's check of the size it received against Content-Length
+            raise KaggleError(
+                f"download of competition {competition!r} was cut short ({error}); run again"
+            ) from None
+    archives = sorted(folder.glob("*.zip"))
+    if len(archives) != 1:
+        received = sorted(folder.iterdir()) if folder.is_dir() else []
+        found = ", ".join(path.name for path in received) or "nothing"
+        raise KaggleError(f"Kaggle sent no single zip for competition {competition!r} (found {found})")
+    return archives[0]
+
+
+def _authenticated_api() -> Any:
+    with _client_output(None):
+        # Importing the package runs the client's own authenticate() and prints its help when there are no
+        # credentials: keep that output out of the user's terminal.
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    api = KaggleApi()
+    # The client reads its config folder and KAGGLE_API_ENVIRONMENT once, at import. Read them again now so
+    # the environment of this call is what counts. "--verbose" is left out on purpose: it prints the
+    # Authorization header.
+    api.config_dir = _client_config_dir()
+    api.config = os.path.join(api.config_dir, api.config_file)
+    api.args = ["--local"] if os.environ.get("KAGGLE_API_ENVIRONMENT") == "LOCALHOST" else []
+    try:
+        with _client_output(api), _client_errors(api, competition=None, action="check the credentials"):
+            api.authenticate()
+    except SystemExit:  # the client's authenticate() exits when it finds no credentials
+        raise KaggleError(
+            "no Kaggle credentials found: create an API token at "
+            f"{SETTINGS_URL} and set KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY), "
+            f"or save kaggle.json in {api.config_dir}"
+        ) from None
+    return api
+
+
+def _client_config_dir() -> str:
+    """Where the kaggle client looks for kaggle.json (the same rule as KaggleApi.config_dir)."""
+    config_dir = os.environ.get("KAGGLE_CONFIG_DIR") or ""
+    if config_dir:
+        return config_dir
+    home = os.path.expanduser("~")
+    config_dir = os.path.join(home, ".kaggle")
+    if sys.platform.startswith("linux") and not os.path.exists(config_dir):
+        config_dir = os.path.join(
+            os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"), "kaggle"
+        )
+    return config_dir
+
+
+def _check_submission_limits(api: Any, *, competition: str) -> None:
+    limits = api.competition_get_submission_limits(competition)
+    # All counts are zero for a user who has not joined yet: the first submission creates the team.
+    has_submitted = limits.num_today > 0 or limits.num_total > 0
+    if has_submitted and limits.num_allowed_now <= 0:
+        scope = "in total" if limits.limited_by_total else "today"
+        raise KaggleError(
+            f"no submissions left {scope} for competition {competition!r} "
+            f"({limits.num_today} made today, {limits.num_total} in total); try again after the limit resets"
+        )
+    logger.info("submissions left today for %s: %d", competition, limits.num_allowed_now)
+
+
+@contextlib.contextmanager
+def _client_errors(api: Any, *, competition: str | None, action: str) -> Iterator[None]:
+    """Turn the client's HTTP and network exceptions into one-line KaggleErrors without credentials."""
+    task = f"{action} competition {competition!r}" if competition else action
+    try:
+        yield
+    except requests.HTTPError as error:
+        raise KaggleError(
+            _redact(_http_message(error, competition=competition or "", task=task), api)
+        ) from None
+    except (requests.ConnectionError, requests.Timeout) as error:
+        # str(error) is left out: it can hold a proxy URL with a password in it.
+        raise KaggleError(
+            f"cannot reach Kaggle to {task} ({type(error).__name__}); "
+            "check the network connection and any proxy settings, then run again"
+        ) from None
+    except requests.RequestException as error:
+        raise KaggleError(f"request to Kaggle to {task} failed ({type(error).__name__}); run again") from None
+
+
+def _http_message(error: Any, *, competition: str, task: str) -> str:
+    status = error.response.status_code if error.response is not None else None
+    page = competition_url(competition)
+    if status == 401:
+        return f"Kaggle rejected the credentials (HTTP 401): create a new API token at {SETTINGS_URL}"
+    if status == 403:
+        return (
+            f"Kaggle refused to {task} (HTTP 403): accept the competition "
+            f"rules at {page}/rules while signed in as the account of these credentials, then run again"
+        )
+    if status == 404:
+        return (
+            f"Kaggle has no competition {competition!r} (HTTP 404): check the competition name, the last "
+            f"part of its URL {page}"
+        )
+    if status == 429:
+        return "Kaggle is rate-limiting this account (HTTP 429); wait a few minutes, then run again"
+    said = " ".join(str(error).split())[:200]
+    return f"Kaggle answered HTTP {status} when asked to {task} ({said}); try again later"
+
+
+@contextlib.contextmanager
+def _client_output(api: Any) -> Iterator[None]:
+    """The client prints to stdout and stderr: send that to the debug log, credentials removed."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logger.debug("kaggle client: %s", _redact(line, api))
+
+
+def _redact(text: str, api: Any) -> str:
+    for secret in _secrets(api):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secrets(api: Any) -> list[str]:
+    config = dict(getattr(api, "config_values", None) or {})
+    values = {os.environ.get(name, "") for name in SECRET_VARIABLES}
+    values |= {str(config.get("key") or ""), str(config.get("token") or "")}
+    username = config.get("username") or os.environ.get("KAGGLE_USERNAME")
+    key = config.get("key") or os.environ.get("KAGGLE_KEY")
+    if username and key:  # the HTTP Basic form of the key
+        values.add(base64.b64encode(f"{username}:{key}".encode()).decode())
+    return sorted((value for value in values if len(value) >= 4), key=len, reverse=True)
+
+
+# ---- local sources, zips, moving into place ----
+
+
+def _stage_local(source: Path, staged: Path, *, dest: Path) -> None:
+    if not source.exists():
+        raise KaggleError(
+            f"data source {str(source)!r}: no such file or folder; expected 'kaggle', a competition zip or folder"
+        )
+    if source.resolve().is_relative_to(dest.resolve()):
+        raise KaggleError(f"data source {source} lies inside {dest}, which is replaced: move it elsewhere")
+    if source.is_file():
+        _extract_zip(source, staged, label=str(source))
+        return
+    try:
+        shutil.copytree(source, staged)
+    except (OSError, shutil.Error) as error:
+        raise KaggleError(
+            f"cannot copy {source} into {dest.parent}: {str(error).splitlines()[0][:300]}"
+        ) from None
+
+
+def _extract_zip(path: Path, target: Path, *, label: str) -> None:
+    with _checked_zip(path, label=label) as archive:
+        _write_members(archive, target, label=label)
+
+
+@contextlib.contextmanager
+def _checked_zip(path: Path, *, label: str) -> Iterator[zipfile.ZipFile]:
+    """Open a zip whose every entry has a safe name and a good CRC; a bad zip is a KaggleError naming it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                _check_member(info, label=label)
+            bad_member = archive.testzip()  # reads every entry and checks its CRC-32
+            if bad_member is not None:
+                raise KaggleError(f"{label}: entry {bad_member!r} fails its CRC check; the zip is corrupt")
+            yield archive
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise KaggleError(f"{label}: corrupt or truncated zip ({error}); download it again") from None
+
+
+def _check_member(info: zipfile.ZipInfo, *, label: str) -> None:
+    name = info.filename
+    file_type = stat.S_IFMT(info.external_attr >> 16)  # unix mode in the high bits; 0 when not recorded
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
+        reason = "an absolute path"
+    elif ".." in name.replace("\\", "/").split("/"):
+        reason = "a path with '..'"
+    elif stat.S_ISLNK(info.external_attr >> 16):
+        reason = "a symbolic link"
+    elif file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
+        reason = "a special file"
+    else:
+        return
+    raise KaggleError(
+        f"{label}: entry {name!r} is {reason}; refusing to extract it (zip-slip), the zip is unsafe"
+    )
+
+
+def _write_members(archive: zipfile.ZipFile, target: Path, *, label: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    for info in tqdm(
+        archive.infolist(), desc=f"unzip {Path(label).name}", unit="file", disable=None, leave=False
+    ):
+        path = root.joinpath(*info.filename.replace("\\", "/").split("/"))
+        if not path.resolve().is_relative_to(root):
+            raise KaggleError(
+                f"{label}: entry {info.filename!r} lands outside {target.name}; refusing to extract"
+            )
+        try:
+            if info.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as source, open(path, "xb") as out:
+                shutil.copyfileobj(source, out, COPY_BUFFER_BYTES)
+        except (FileExistsError, NotADirectoryError):
+            raise KaggleError(
+                f"{label}: entry {info.filename!r} collides with a file or folder already extracted"
+            ) from None
+        except OSError as error:  # e.g. the disk is full
+            raise KaggleError(f"{label}: cannot write entry {info.filename!r}: {error.strerror}") from None
+
+
+def _unpack_nested_zips(root: Path, *, label: str) -> None:
+    """Unpack every zip under `root` in place (train.zip -> train/, labels.csv.zip -> labels.csv)."""
+    for depth in range(MAX_NESTED_ZIP_DEPTH + 1):
+        inner_zips = sorted(
+            path for path in root.rglob("*") if path.suffix.lower() == ".zip" and path.is_file()
+        )
+        if not inner_zips:
+            return
+        if depth == MAX_NESTED_ZIP_DEPTH:
+            raise KaggleError(
+                f"{label}: zips nested more than {MAX_NESTED_ZIP_DEPTH} deep; refusing to unpack"
+            )
+        for inner in inner_zips:
+            _unpack_inner_zip(inner, label=f"{label}: {inner.relative_to(root).as_posix()}")
+
+
+def _unpack_inner_zip(inner: Path, *, label: str) -> None:
+    stem = inner.name[: -len(".zip")]
+    with _checked_zip(inner, label=label) as archive:
+        top_names = {info.filename.replace("\\", "/").split("/")[0] for info in archive.infolist()}
+        # Kaggle's inner zips usually hold their own name (train.zip: train/..., labels.csv.zip: labels.csv):
+        # unpack those beside the zip. Any other content goes into a folder named after the zip.
+        target = inner.parent if top_names == {stem} else inner.parent / stem
+        _write_members(archive, target, label=label)
+    inner.unlink()
+
+
+def _move_into_place(staged: Path, dest: Path, *, previous: Path) -> None:
+    """os.replace `staged` onto `dest`; an existing `dest` is moved aside first and restored on failure."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(staged, dest)
+        return
+    os.replace(dest, previous)
+    try:
+        os.replace(staged, dest)
+    except OSError:
+        os.replace(previous, dest)
+        raise

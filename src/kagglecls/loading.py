@@ -1,0 +1,129 @@
+"""What the stages that run the network share: the splits, the model, the device settings, image loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kagglecls.data import (
+    ImageDataset,
+    ManifestRow,
+    Normalisation,
+    cache_short_side,
+    make_loader,
+    read_class_info,
+    read_manifest,
+    resized_files,
+)
+from kagglecls.models import ARCH_SPECS, Classifier, build_classifier, set_train_mode
+from kagglecls.params import Params
+from kagglecls.training import SINGLE_PROCESS, DistributedContext, StepSettings
+
+
+@dataclass(frozen=True)
+class Split:
+    rows: list[ManifestRow]
+    labels: np.ndarray  # class index per row; -1 for test
+
+
+def load_splits(reorganised: Path) -> tuple[dict[str, Split], list[str]]:
+    classes = read_class_info(reorganised).classes
+    index = {name: position for position, name in enumerate(classes)}
+    rows = read_manifest(reorganised / "manifest.csv")
+    splits = {}
+    for name in ("train", "valid", "test"):
+        chosen = [row for row in rows if row.split == name and row.file]
+        labels = np.array([index[row.label] if row.label else -1 for row in chosen], dtype=np.int64)
+        splits[name] = Split(chosen, labels)
+    return splits, classes
+
+
+def step_settings(
+    params: Params, device: torch.device, model: Classifier | None = None, *, bn_statistics: str = "batch"
+) -> StepSettings:
+    frozen_bn = params.model.frozen_bn
+    settings = StepSettings(
+        device=device, amp=params.base.amp, channels_last=params.base.channels_last, frozen_bn=frozen_bn
+    )
+    if model is not None:
+        settings.train_mode = lambda wrapped: set_train_mode(
+            _inner(wrapped), frozen_bn=frozen_bn, bn_statistics=bn_statistics
+        )
+    return settings
+
+
+def _inner(model: nn.Module) -> Classifier:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def normalisation_for(arch: str) -> Normalisation:
+    spec = ARCH_SPECS[arch]
+    return Normalisation(mean=spec.mean, std=spec.std)
+
+
+def image_loader(
+    params: Params,
+    reorganised: Path,
+    cache_dir: Path,
+    split: Split,
+    *,
+    transform,
+    shuffle: bool,
+    size: int,
+    batch_size: int,
+    context: DistributedContext = SINGLE_PROCESS,
+    seed_offset: int = 0,
+):  # noqa: ANN001, ANN201
+    files = resized_files(
+        split.rows,
+        root=reorganised,
+        cache_dir=cache_dir,
+        short_side=cache_short_side(size, params.data.resize_factor),
+        workers=max(1, params.base.num_workers),
+    )
+    dataset = ImageDataset(files, split.labels, transform)
+    return make_loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=params.base.seed + seed_offset,
+        num_workers=params.base.num_workers,
+        drop_last=shuffle and len(dataset) > batch_size,
+        rank=context.rank,
+        world_size=context.world_size,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_model(params: Params, n_classes: int, *, pretrained: bool) -> Classifier:
+    model = params.model
+    return build_classifier(
+        model.arch,
+        n_classes=n_classes,
+        pretrained=pretrained,
+        weights_file=model.weights_file,
+        head_hidden=model.head_hidden,
+        head_dropout=model.head_dropout,
+    )
+
+
+def to_device(model: Classifier, settings: StepSettings) -> Classifier:
+    model = model.to(settings.device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_classifier(params: Params, *, head_path: Path, weights_key: str) -> tuple[Classifier, list[str]]:
+    state = torch.load(head_path, map_location="cpu", weights_only=True)
+    classes = list(state["classes"])
+    model = build_model(params, len(classes), pretrained=params.model.pretrained and weights_key == "head")
+    if weights_key == "head":
+        model.head.load_state_dict(state["head"])
+    else:
+        model.load_state_dict(state["model"])
+    return model, classes

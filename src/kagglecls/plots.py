@@ -1,0 +1,92 @@
+"""PNG figures (matplotlib, no display) and the CSV/JSON files DVC renders as plots and metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def write_csv(rows: Sequence[dict], path: Path, *, columns: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], *, suggested: float, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(lrs, losses)
+    axes.axvline(suggested, color="red", linestyle="--", label=f"suggested lr {suggested:.2e}")
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate (log scale)")
+    axes.set_ylabel("smoothed loss")
+    axes.legend()
+    _save(figure, path)
+
+
+def plot_size_histogram(widths: Sequence[int], heights: Sequence[int], *, path: Path) -> None:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.hist(widths, bins=30)
+    left.set_title("width (px)")
+    right.hist(heights, bins=30)
+    right.set_title("height (px)")
+    _save(figure, path)
+
+
+def plot_confusion(counts: np.ndarray, classes: Sequence[str], *, path: Path) -> None:
+    size = max(4.0, 0.35 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(counts, cmap="Blues")
+    ticks = np.arange(len(classes))
+    axes.set_xticks(ticks, classes, rotation=90, fontsize=7)
+    axes.set_yticks(ticks, classes, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("actual")
+    if len(classes) <= 20:
+        for actual in range(len(classes)):
+            for predicted in range(len(classes)):
+                axes.text(
+                    predicted, actual, str(counts[actual, predicted]), ha="center", va="center", fontsize=7
+                )
+    _save(figure, path)
+
+
+def plot_image_grid(images: Sequence[Image.Image], titles: Sequence[str], *, path: Path) -> None:
+    """A grid of images with a title each (top losses: actual / predicted / probability / loss)."""
+    columns = max(1, min(4, len(images)))
+    rows = max(1, -(-len(images) // columns))
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for axes in axes_grid.flat:
+        axes.axis("off")
+    for axes, image, title in zip(axes_grid.flat, images, titles, strict=False):
+        axes.imshow(image)
+        axes.set_title(title, fontsize=8)
+    _save(figure, path)

@@ -1,0 +1,186 @@
+"""Stages predict_tta and submission: TTA, interpretation, and the Kaggle file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from kagglecls import images, inference, plots, submission
+from kagglecls.data import EvalPreset, TrainPreset, read_class_info
+from kagglecls.loading import (
+    image_loader,
+    load_classifier,
+    load_splits,
+    normalisation_for,
+    step_settings,
+    to_device,
+)
+from kagglecls.params import Params
+from kagglecls.training import (
+    accuracy,
+    evaluate,
+    log_loss,
+    pick_device,
+    predict_probabilities,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+
+def predict_tta(
+    *,
+    params: Params,
+    reorganised: Path,
+    cache_dir: Path,
+    model_path: Path,
+    metrics: Path,
+    plots_dir: Path,
+    predictions: Path,
+) -> None:
+    """TTA on valid (metrics, confusion matrix, top losses) and on test (class probabilities)."""
+    seed_everything(params.base.seed)
+    device = pick_device(params.base.device)
+    splits, classes = load_splits(reorganised)
+    model, _ = load_classifier(params, head_path=model_path, weights_key="model")
+    settings = step_settings(params, device)
+    model = to_device(model, settings)
+    size = params.finetune.sizes[-1]
+    valid = _tta(params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings)
+    targets = splits["valid"].labels
+    plain_metrics = evaluate_plain(params, model, reorganised, cache_dir, splits["valid"], size, settings)
+    report = {
+        "valid_log_loss": log_loss(valid, targets),
+        "valid_accuracy": accuracy(valid, targets),
+        "valid_log_loss_no_tta": plain_metrics["valid_log_loss"],
+        "valid_accuracy_no_tta": plain_metrics["valid_accuracy"],
+        "n_aug": params.predict_tta.n_aug,
+    }
+    _interpret(params, valid, splits["valid"], classes, reorganised, cache_dir, plots_dir)
+    plots.write_json(report, metrics)
+    test = splits["test"]
+    test_probabilities = (
+        _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)
+        if test.rows
+        else np.zeros((0, len(classes)))
+    )
+    _save_predictions(predictions, ids=[row.id for row in test.rows], probabilities=test_probabilities)
+    log.info(
+        "predict_tta: valid log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
+        report["valid_log_loss"],
+        report["valid_accuracy"],
+        params.predict_tta.n_aug,
+    )
+
+
+def evaluate_plain(params, model, reorganised, cache_dir, split, size, settings) -> dict:  # noqa: ANN001
+    transform = EvalPreset(size=size, normalisation=normalisation_for(params.model.arch))
+    loader = image_loader(
+        params,
+        reorganised,
+        cache_dir,
+        split,
+        transform=transform,
+        shuffle=False,
+        size=size,
+        batch_size=params.precompute.batch_size,
+    )
+    return evaluate(model, loader, settings=settings)
+
+
+def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> np.ndarray:  # noqa: ANN001
+    normalisation = normalisation_for(params.model.arch)
+    augmentation = params.finetune.augmentation
+
+    def predict(pass_index: int | None) -> np.ndarray:
+        if pass_index is None:
+            transform, offset = EvalPreset(size=size, normalisation=normalisation), 0
+        else:
+            transform = TrainPreset(
+                size=size,
+                augmentation=augmentation,
+                max_zoom=params.finetune.max_zoom,
+                normalisation=normalisation,
+            )
+            offset = 1000 + pass_index
+        loader = image_loader(
+            params,
+            reorganised,
+            cache_dir,
+            split,
+            transform=transform,
+            shuffle=False,
+            size=size,
+            batch_size=params.precompute.batch_size,
+            seed_offset=offset,
+        )
+        probabilities, _ = predict_probabilities(model, loader, settings=settings, description="tta")
+        return probabilities
+
+    return inference.tta_probabilities(predict, n_aug=params.predict_tta.n_aug, beta=params.predict_tta.beta)
+
+
+def _interpret(params, probabilities, split, classes, reorganised, cache_dir, plots_dir: Path) -> None:  # noqa: ANN001
+    targets = split.labels
+    counts = inference.confusion_matrix(targets, probabilities.argmax(axis=1), n_classes=len(classes))
+    plots.plot_confusion(counts, classes, path=plots_dir / "confusion_matrix.png")
+    plots.write_csv(
+        [
+            {"actual": classes[t], "predicted": classes[p]}
+            for t, p in zip(targets, probabilities.argmax(axis=1), strict=True)
+        ],
+        plots_dir / "confusion.csv",
+        columns=("actual", "predicted"),
+    )
+    pairs = inference.most_confused(counts, classes)
+    plots.write_csv(
+        [asdict(pair) for pair in pairs],
+        plots_dir / "most_confused.csv",
+        columns=("actual", "predicted", "count"),
+    )
+    worst = inference.top_losses(probabilities, targets, k=params.predict_tta.top_losses)
+    pictures = [images.load_rgb(reorganised / split.rows[item.index].file, short_side=160) for item in worst]
+    titles = [
+        f"{classes[item.actual]} / {classes[item.predicted]}\np={item.probability_of_predicted:.2f} loss={item.loss:.2f}"
+        for item in worst
+    ]
+    plots.plot_image_grid(pictures, titles, path=plots_dir / "top_losses.png")
+
+
+def _save_predictions(path: Path, *, ids: list[str], probabilities: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(temporary, ids=np.array(ids, dtype=str), probabilities=probabilities.astype(np.float64))
+    os.replace(temporary, path)
+
+
+def make_submission(
+    *, params: Params, raw_dir: Path, reorganised: Path, predictions: Path, out_csv: Path
+) -> None:
+    """The Kaggle file: the sample's columns and id order; ids without a readable image get the class prior."""
+    info = read_class_info(reorganised)
+    classes = tuple(info.classes)
+    fmt = submission.read_sample_submission(
+        raw_dir / "sample_submission.csv", classes=classes, positive_class=params.submission.positive_class
+    )
+    saved = np.load(predictions)
+    by_id = dict(zip(saved["ids"].tolist(), saved["probabilities"], strict=True))
+    prior = np.asarray(info.prior, dtype=np.float64)
+    missing = [item for item in fmt.ids if item not in by_id]
+    if missing:
+        log.warning(
+            "submission: %d ids without a readable test image get the class prior, e.g. %s",
+            len(missing),
+            ", ".join(missing[:5]),
+        )
+    probabilities = (
+        np.stack([by_id.get(item, prior) for item in fmt.ids]) if fmt.ids else np.zeros((0, len(classes)))
+    )
+    frame = submission.build_submission(fmt, ids=fmt.ids, classes=classes, probabilities=probabilities)
+    submission.validate_submission(frame, fmt)
+    submission.write_submission(frame, out_csv)
+    log.info("submission: %s (%d rows, %d columns)", out_csv, len(frame), len(frame.columns))

@@ -1,0 +1,163 @@
+"""Stages download, reorganise and size_histogram: from Kaggle's files to class folders and a manifest.
+
+Every output is built under a temporary name next to its place and moved there whole, so a killed stage never
+leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from kagglecls import competition as competition_module
+from kagglecls import images, plots
+from kagglecls.data import (
+    ClassInfo,
+    DataError,
+    ManifestRow,
+    file_md5,
+    read_manifest,
+    stratified_split,
+    write_manifest,
+)
+from kagglecls.params import Params
+
+log = logging.getLogger(__name__)
+
+
+def download(*, params: Params, dest: Path) -> None:
+    """data/raw: the competition as Kaggle ships it (or the embedded sample built in the same layout)."""
+    data = params.data
+    if data.source == "sample":
+        sample = data.sample
+        competition_module.build_sample_competition(
+            dest,
+            n_classes=sample.n_classes,
+            train_per_class=sample.train_per_class,
+            n_test=sample.n_test,
+            image_size=sample.image_size,
+            seed=params.base.seed,
+        )
+    else:
+        from kagglecls.kaggle_io import fetch_competition
+
+        fetch_competition(source=data.source, competition=data.competition, dest=dest)
+    log.info("download: competition in %s", dest)
+
+
+def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int) -> None:
+    """Class folders train/<class>/, valid/<class>/ (stratified split), test/, a manifest and a bad-image report."""
+    data = params.data
+    found = competition_module.load_competition(
+        raw_dir,
+        layout=data.layout,
+        labels_file=data.labels_file,
+        id_column=data.id_column,
+        label_column=data.label_column,
+    )
+    for warning in found.warnings:
+        log.warning("reorganise: %s", warning)
+    checks = images.check_images([*found.train_files, *[f for f in found.test_files if f]], workers=workers)
+    by_path = {check.path: check for check in checks}
+    bad = [check for check in checks if check.error is not None]
+    _stop_if_too_many_bad(found, by_path, data.max_bad_fraction)
+    temporary = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    rows = _place_training_images(found, by_path, temporary, valid_pct=data.valid_pct, seed=params.base.seed)
+    rows += _place_test_images(found, by_path, temporary)
+    write_manifest(rows, temporary / "manifest.csv")
+    images.write_bad_image_report(bad, temporary / "bad_images.csv")
+    counts = {name: sum(row.label == name for row in rows if row.split == "train") for name in found.classes}
+    total = sum(counts.values())
+    info = ClassInfo(
+        list(found.classes), [counts[name] / total for name in found.classes], list(found.warnings)
+    )
+    plots.write_json(asdict(info), temporary / "classes.json")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(temporary, out_dir)
+    log.info("reorganise: %d images (%d unreadable) into %s", len(rows), len(bad), out_dir)
+
+
+def _stop_if_too_many_bad(found, by_path, max_bad_fraction: float) -> None:  # noqa: ANN001
+    bad_train = [path for path in found.train_files if by_path[path].error is not None]
+    for path in bad_train:
+        log.warning("reorganise: skipping unreadable training image %s: %s", path, by_path[path].error)
+    if len(bad_train) > max_bad_fraction * len(found.train_files):
+        names = ", ".join(path.name for path in bad_train[:5])
+        raise DataError(
+            f"{len(bad_train)} of {len(found.train_files)} training images cannot be decoded (more than "
+            f"data.max_bad_fraction={max_bad_fraction}), e.g. {names}"
+        )
+
+
+def _place_training_images(found, by_path, root: Path, *, valid_pct: float, seed: int) -> list[ManifestRow]:  # noqa: ANN001
+    readable = [
+        (path, label)
+        for path, label in zip(found.train_files, found.train_labels, strict=True)
+        if by_path[path].error is None
+    ]
+    splits = stratified_split([label for _, label in readable], valid_pct=valid_pct, seed=seed)
+    rows = []
+    for (path, label), split in zip(readable, splits, strict=True):
+        relative = Path(split) / _folder_name(label) / path.name
+        rows.append(
+            _copy_image(
+                path, root, relative, label=label, split=split, item_id=path.stem, check=by_path[path]
+            )
+        )
+    return rows
+
+
+def _place_test_images(found, by_path, root: Path) -> list[ManifestRow]:  # noqa: ANN001
+    rows = []
+    for item_id, path in zip(found.test_ids, found.test_files, strict=True):
+        if path is None or by_path[path].error is not None:
+            rows.append(ManifestRow(file="", label="", split="test", id=item_id, md5="", width=0, height=0))
+            continue
+        relative = Path("test") / path.name
+        rows.append(
+            _copy_image(path, root, relative, label="", split="test", item_id=item_id, check=by_path[path])
+        )
+    return rows
+
+
+def _copy_image(
+    source: Path, root: Path, relative: Path, *, label: str, split: str, item_id: str, check
+) -> ManifestRow:  # noqa: ANN001
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return ManifestRow(
+        file=relative.as_posix(),
+        label=label,
+        split=split,
+        id=item_id,
+        md5=file_md5(target),
+        width=check.width,
+        height=check.height,
+    )
+
+
+def _folder_name(label: str) -> str:
+    return label.replace("/", "_").replace("\\", "_") or "_"
+
+
+def size_histogram(*, reorganised: Path, png: Path, summary: Path) -> None:
+    """Widths and heights of the training images: a histogram PNG and a JSON summary (DVC metrics)."""
+    rows = [row for row in read_manifest(reorganised / "manifest.csv") if row.split in ("train", "valid")]
+    widths = np.array([row.width for row in rows])
+    heights = np.array([row.height for row in rows])
+    plots.plot_size_histogram(widths, heights, path=png)
+    figures = {"count": len(rows)}
+    for name, values in (("width", widths), ("height", heights)):
+        for label, value in zip(
+            ("min", "p10", "median", "p90", "max"), np.percentile(values, [0, 10, 50, 90, 100]), strict=True
+        ):
+            figures[f"{name}_{label}"] = float(value)
+    plots.write_json(figures, summary)

@@ -1,0 +1,340 @@
+"""Submissions in the exact format of a competition's `sample_submission.csv`: read, build, validate, write.
+
+The format is read from the sample's header and values:
+
+- `probabilities`: the id and one probability column per class (Dog Breed Identification); columns are matched
+  to classes by name.
+- `label`: the id and one column of class names (Plant Seedlings Classification), or of numbers that are class
+  names (a sample showing `4` where the classes are `0`..`4`, or any number outside [0, 1]).
+- `binary`: the id and one column of numbers in [0, 1] (Dogs vs. Cats Redux: `id,label` with `0.5`): the
+  probability of `positive_class`. Unless named, the positive class is the one whose name the column names
+  (`is_dog` -> `dog`), else the class whose name sorts last: Dogs vs. Cats Redux scores `label` as the
+  probability of dog, and "dog" > "cat"; for classes `0`/`1`, `1`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("probabilities", "label", "binary")
+ROW_SUM_TOLERANCE = 1e-4  # how far a row of probabilities may sum from 1
+EXAMPLES_SHOWN = 5  # how many offending names a message lists before "..."
+
+
+class SubmissionError(Exception):
+    """A submission or sample submission that does not fit; the message is one line."""
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    kind: str  # "probabilities" | "label" | "binary"
+    id_column: str
+    value_columns: tuple[str, ...]  # columns after the id, in the sample's order
+    ids: tuple[str, ...]  # the sample's ids, in order
+    positive_class: str | None  # for "binary": the class whose probability the column holds
+
+
+def _examples(items: Iterable[object]) -> str:
+    items = list(items)
+    shown = ", ".join(repr(str(item)) for item in items[:EXAMPLES_SHOWN])
+    return shown + (", ..." if len(items) > EXAMPLES_SHOWN else "")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading the sample
+
+
+def read_sample_submission(
+    path: Path, *, classes: tuple[str, ...] | None = None, positive_class: str | None = None
+) -> SubmissionFormat:
+    """The format of `path`; with `classes` (the training labels) it is also checked against them."""
+    path = Path(path)
+    table = _read_sample_table(path)
+    id_column, *value_columns = table.columns
+    ids = table[id_column]
+    repeated = ids.duplicated(keep=False).to_numpy()
+    if repeated.any():
+        first = ids[repeated].iloc[0]
+        first_lines = ", ".join(str(row + 2) for row in np.flatnonzero(ids == first))
+        raise SubmissionError(
+            f"{path}: id {first!r} appears on lines {first_lines}; ids must be unique"
+            f" ({ids[repeated].nunique()} ids appear more than once)"
+        )
+    kind = _sample_kind(table, path=path, classes=classes)
+    chosen_positive = None
+    if kind == "probabilities" and classes is not None:
+        _check_class_columns(tuple(value_columns), classes, source=str(path))
+    if kind == "binary":
+        chosen_positive = _positive_class(
+            value_columns[0], classes=classes, positive_class=positive_class, source=str(path)
+        )
+    fmt = SubmissionFormat(
+        kind=kind,
+        id_column=id_column,
+        value_columns=tuple(value_columns),
+        ids=tuple(ids),
+        positive_class=chosen_positive,
+    )
+    logger.info("%s: %s submission, %d ids, columns %s", path, kind, len(fmt.ids), _examples(table.columns))
+    return fmt
+
+
+def _read_sample_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise SubmissionError(f"{path}: sample submission not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as stream:
+            header = next(csv.reader(stream), [])
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SubmissionError(f"{path}: could not read the sample submission as CSV: {reason}") from None
+    header = [name.strip() for name in header]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise SubmissionError(f"{path}: the header repeats column names {_examples(repeated)}")
+    if len(header) < 2 or len(table) == 0:
+        raise SubmissionError(
+            f"{path}: expected an id column, at least one value column and at least one row, found columns "
+            f"{_examples(header)} and {len(table)} rows"
+        )
+    table.columns = header
+    return table.apply(lambda column: column.str.strip())
+
+
+def _sample_kind(table: pd.DataFrame, *, path: Path, classes: tuple[str, ...] | None) -> str:
+    value_columns = list(table.columns[1:])
+    numbers = table[value_columns].apply(pd.to_numeric, errors="coerce")
+    if len(value_columns) >= 2:
+        not_numeric = [column for column in value_columns if numbers[column].isna().any()]
+        if not_numeric:
+            raise SubmissionError(
+                f"{path}: expected one probability column per class, but columns {_examples(not_numeric)} "
+                "hold values that are not numbers"
+            )
+        return "probabilities"
+    values = table[value_columns[0]]
+    column_numbers = numbers[value_columns[0]]
+    if classes is not None and values.isin(classes).all():
+        return "label"  # the sample shows a class name, even if it reads as a number (classes 0..4)
+    if column_numbers.notna().all() and column_numbers.between(0, 1).all():
+        return "binary"
+    return "label"
+
+
+def _check_class_columns(value_columns: tuple[str, ...], classes: Sequence[str], *, source: str) -> None:
+    lacking = [column for column in value_columns if column not in classes]
+    excess = [name for name in classes if name not in value_columns]
+    if lacking or excess:
+        raise SubmissionError(
+            f"{source}: the probability columns and the training classes differ: the training labels lack "
+            f"{len(lacking)} ({_examples(lacking) or 'none'}) and have {len(excess)} in excess "
+            f"({_examples(excess) or 'none'})"
+        )
+
+
+def _positive_class(
+    column: str, *, classes: Sequence[str] | None, positive_class: str | None, source: str
+) -> str | None:
+    """The class whose probability a single numeric column holds (see the module docstring)."""
+    if positive_class is not None:
+        if classes is not None and positive_class not in classes:
+            raise SubmissionError(
+                f"{source}: positive_class {positive_class!r} is not a training class; expected one of "
+                f"{_examples(classes)}"
+            )
+        return positive_class
+    if classes is None:
+        return None
+    if len(classes) != 2:
+        raise SubmissionError(
+            f"{source}: a single probability column {column!r} needs exactly 2 classes, the training labels "
+            f"have "
+            f"{len(classes)} ({_examples(sorted(classes))})"
+        )
+    words = set(re.split(r"[^0-9a-z]+", column.lower()))
+    named = [name for name in classes if name.lower() in words]
+    return named[0] if len(named) == 1 else sorted(classes)[-1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Building, validating and writing
+
+
+def build_submission(
+    fmt: SubmissionFormat, *, ids: tuple[str, ...], classes: tuple[str, ...], probabilities: np.ndarray
+) -> pd.DataFrame:
+    """The submission in the sample's id order and columns, from class probabilities (one row per id)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (len(ids), len(classes)):
+        raise SubmissionError(
+            f"probabilities: expected shape ({len(ids)}, {len(classes)}) for {len(ids)} ids and "
+            f"{len(classes)} classes, found {probabilities.shape}"
+        )
+    rows = probabilities[_rows_in_sample_order(ids, fmt)]
+    column_of = {name: index for index, name in enumerate(classes)}
+    if fmt.kind == "probabilities":
+        _check_class_columns(fmt.value_columns, classes, source="sample submission")
+        values = {column: rows[:, column_of[column]] for column in fmt.value_columns}
+    elif fmt.kind == "label":
+        values = {fmt.value_columns[0]: [classes[index] for index in rows.argmax(axis=1)]}
+    elif fmt.kind == "binary":
+        positive = _positive_class(
+            fmt.value_columns[0],
+            classes=classes,
+            positive_class=fmt.positive_class,
+            source="sample submission",
+        )
+        values = {fmt.value_columns[0]: rows[:, column_of[positive]]}
+    else:
+        raise SubmissionError(
+            f"submission format: kind must be one of {', '.join(KINDS)}, found {fmt.kind!r}"
+        )
+    return pd.DataFrame({fmt.id_column: list(fmt.ids), **values}, columns=[fmt.id_column, *fmt.value_columns])
+
+
+def _rows_in_sample_order(ids: tuple[str, ...], fmt: SubmissionFormat) -> list[int]:
+    """For each sample id in order, the row of `ids` that holds its prediction."""
+    row_of: dict[str, int] = {}
+    for row, image_id in enumerate(ids):
+        if image_id in row_of:
+            raise SubmissionError(
+                f"predictions: id {image_id!r} appears on rows {row_of[image_id] + 1} and {row + 1}"
+            )
+        row_of[image_id] = row
+    missing = [image_id for image_id in fmt.ids if image_id not in row_of]
+    extra = sorted(set(row_of) - set(fmt.ids))
+    if missing or extra:
+        raise SubmissionError(
+            f"predictions: ids differ from the sample submission's: {len(missing)} sample ids have no "
+            f"prediction ({_examples(missing) or 'none'}) and {len(extra)} predicted ids are not in the "
+            f"sample ({_examples(extra) or 'none'})"
+        )
+    return [row_of[image_id] for image_id in fmt.ids]
+
+
+def validate_submission(
+    frame: pd.DataFrame, fmt: SubmissionFormat, *, classes: Sequence[str] | None = None
+) -> None:
+    """Raise SubmissionError unless `frame` is a submission Kaggle accepts for `fmt`.
+
+    Every sample id exactly once and in order, the sample's columns in its order, and values that fit the
+    kind: probabilities finite, in [0, 1], rows summing to 1; labels non-empty and among `classes` if given.
+    """
+    _check_columns(list(frame.columns), fmt)
+    _check_ids([str(value) for value in frame[fmt.id_column]], fmt)
+    ids = fmt.ids
+    if fmt.kind == "label":
+        _check_labels(frame[fmt.value_columns[0]], ids=ids, classes=classes)
+    elif fmt.kind in ("probabilities", "binary"):
+        _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
+    else:
+        raise SubmissionError(
+            f"submission format: kind must be one of {', '.join(KINDS)}, found {fmt.kind!r}"
+        )
+
+
+def _check_columns(found: list[object], fmt: SubmissionFormat) -> None:
+    expected = [fmt.id_column, *fmt.value_columns]
+    differing = [
+        (position, found_name, expected_name)
+        for position, (found_name, expected_name) in enumerate(zip_longest(found, expected))
+        if found_name != expected_name
+    ]
+    if differing:
+        position, found_name, expected_name = differing[0]
+        found_text = "nothing" if found_name is None else repr(found_name)
+        expected_text = "none" if expected_name is None else repr(expected_name)
+        raise SubmissionError(
+            f"submission column {position + 1} is {found_text} where the sample has {expected_text} "
+            f"({len(differing)} of {len(expected)} column positions differ; "
+            "expected the sample's columns in order)"
+        )
+
+
+def _check_ids(found: list[str], fmt: SubmissionFormat) -> None:
+    differing = [
+        (row, found_id, expected_id)
+        for row, (found_id, expected_id) in enumerate(zip_longest(found, fmt.ids))
+        if found_id != expected_id
+    ]
+    if differing:
+        row, found_id, expected_id = differing[0]
+        found_text = "missing" if found_id is None else f"id {found_id!r}"
+        expected_text = "no row" if expected_id is None else f"id {expected_id!r}"
+        raise SubmissionError(
+            f"submission row {row + 1} is {found_text} where the sample has {expected_text} "
+            f"({len(differing)} rows differ; {len(found)} rows, the sample has {len(fmt.ids)}; "
+            "expected every sample id once, in the sample's order)"
+        )
+
+
+def _check_probabilities(values: pd.DataFrame, *, fmt: SubmissionFormat) -> None:
+    numbers = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad_cells = ~np.isfinite(numbers) | (numbers < 0) | (numbers > 1)
+    bad_sums = np.zeros(len(numbers), dtype=bool)
+    if fmt.kind == "probabilities":
+        with np.errstate(invalid="ignore"):
+            bad_sums = ~(np.abs(numbers.sum(axis=1) - 1) <= ROW_SUM_TOLERANCE)
+    bad_rows = bad_cells.any(axis=1) | bad_sums
+    if not bad_rows.any():
+        return
+    row = int(np.flatnonzero(bad_rows)[0])
+    where = f"submission row {row + 1} (id {fmt.ids[row]!r})"
+    count = f"{int(bad_rows.sum())} bad rows"
+    if bad_cells[row].any():
+        column_index = int(np.flatnonzero(bad_cells[row])[0])
+        value = values.iloc[row, column_index]
+        shown = str(float(value)) if isinstance(value, int | float | np.number) else repr(value)
+        raise SubmissionError(
+            f"{where}: column {fmt.value_columns[column_index]!r} is {shown}, "
+            f"expected a finite probability in [0, 1] ({count})"
+        )
+    raise SubmissionError(
+        f"{where}: probabilities sum to {numbers[row].sum():.6g}, "
+        f"expected 1 within {ROW_SUM_TOLERANCE} ({count})"
+    )
+
+
+def _check_labels(values: pd.Series, *, ids: tuple[str, ...], classes: Sequence[str] | None) -> None:
+    labels = ["" if pd.isna(value) else str(value) for value in values]
+    allowed = None if classes is None else set(classes)
+    bad_rows = [
+        row for row, label in enumerate(labels) if not label or (allowed is not None and label not in allowed)
+    ]
+    if bad_rows:
+        row = bad_rows[0]
+        expected = "a class name" if classes is None else f"one of {_examples(sorted(allowed))}"
+        raise SubmissionError(
+            f"submission row {row + 1} (id {ids[row]!r}): label {values.iloc[row]!r} is not {expected} "
+            f"({len(bad_rows)} bad rows)"
+        )
+
+
+def write_submission(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` as CSV to `path` via a temporary file in the same folder: never a half-made `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", newline="", encoding="utf-8") as stream:
+            frame.to_csv(stream, index=False, lineterminator="\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s (%d rows, %d columns)", path, len(frame), len(frame.columns))

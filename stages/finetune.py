@@ -1,0 +1,44 @@
+"""Stage finetune: unfreeze, differential learning rates, SGDR with cycle_mult, progressive resizing.
+
+Saves a checkpoint each epoch; a rerun after an interruption resumes from it.
+Run by DVC: `python stages/finetune.py --reorganised data/reorganised --cache data/cache
+--input models/augmented.pt --model models/finetune.pt --checkpoint models/checkpoints/finetune.pt
+--metrics metrics/finetune.json --plots plots/finetune`. Runs under `torchrun --nproc_per_node N` too.
+"""
+
+from pathlib import Path
+
+from kagglecls import fitting
+from kagglecls.cli import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--reorganised", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--input", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+
+    def body(arguments, params) -> None:  # noqa: ANN001
+        outputs = fitting.StageOutputs(
+            model=arguments.model,
+            metrics=arguments.metrics,
+            plots_dir=arguments.plots,
+            checkpoint=arguments.checkpoint,
+        )
+        fitting.finetune(
+            params=params,
+            reorganised=arguments.reorganised,
+            cache_dir=arguments.cache,
+            model_path=arguments.input,
+            outputs=outputs,
+        )
+
+    run_stage("finetune", body, parser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Stage predict_tta: TTA on valid (metrics, confusion matrix, top losses) and on test (probabilities).
+
+Run by DVC: `python stages/predict_tta.py --reorganised data/reorganised --cache data/cache
+--model models/finetune.pt --metrics metrics/predict_tta.json --plots plots/predict_tta
+--predictions data/predictions/test.npz`.
+"""
+
+from pathlib import Path
+
+from kagglecls import predict
+from kagglecls.cli import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--reorganised", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True)
+
+    def body(arguments, params) -> None:  # noqa: ANN001
+        predict.predict_tta(
+            params=params,
+            reorganised=arguments.reorganised,
+            cache_dir=arguments.cache,
+            model_path=arguments.model,
+            metrics=arguments.metrics,
+            plots_dir=arguments.plots,
+            predictions=arguments.predictions,
+        )
+
+    run_stage("predict_tta", body, parser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Stage train_augmented: the head trained on augmented images through the frozen body, SGDR with cycle_len.
+
+Run by DVC: `python stages/train_augmented.py --reorganised data/reorganised --cache data/cache
+--head models/head.pt --model models/augmented.pt --metrics metrics/train_augmented.json
+--plots plots/train_augmented`. Runs under `torchrun --nproc_per_node N` too.
+"""
+
+from pathlib import Path
+
+from kagglecls import fitting
+from kagglecls.cli import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--reorganised", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--head", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+
+    def body(arguments, params) -> None:  # noqa: ANN001
+        outputs = fitting.StageOutputs(
+            model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
+        )
+        fitting.train_augmented(
+            params=params,
+            reorganised=arguments.reorganised,
+            cache_dir=arguments.cache,
+            head_path=arguments.head,
+            outputs=outputs,
+        )
+
+    run_stage("train_augmented", body, parser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Stage train_head: lr_find, then the new head trained on the precomputed activations.
+
+Run by DVC: `python stages/train_head.py --reorganised data/reorganised --features data/features
+--model models/head.pt --metrics metrics/train_head.json --plots plots/train_head`.
+"""
+
+from pathlib import Path
+
+from kagglecls import fitting
+from kagglecls.cli import run_stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--reorganised", type=Path, required=True)
+    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+
+    def body(arguments, params) -> None:  # noqa: ANN001
+        outputs = fitting.StageOutputs(
+            model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
+        )
+        fitting.train_head(
+            params=params, reorganised=arguments.reorganised, features_dir=arguments.features, outputs=outputs
+        )
+
+    run_stage("train_head", body, parser)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Submitting through the real kaggle client to the stand-in server; refusing invalid files before any upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kaggle_server import (
+    apply_kaggle_env,
+    assert_no_credentials,
+    kaggle_env,
+    serve_competition,
+    subprocess_env,
+)
+
+import kagglecls
+from kagglecls.kaggle_io import KaggleError, submit
+from kagglecls.submit import SubmissionError, _validate, main, submission_description
+
+COMPETITION = "dog-breed-identification"
+SAMPLE = "id,boston_bull,dingo\na1,0.5,0.5\nb2,0.5,0.5\nc3,0.5,0.5\n"
+GOOD = "id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,0.4\n"
+
+
+@pytest.fixture(autouse=True)
+def credentials_never_shown(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]):
+    caplog.set_level(logging.DEBUG)
+    yield
+    captured = capsys.readouterr()
+    assert_no_credentials(caplog.text + captured.out + captured.err)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder (the working directory) with a sample, a submission, params and metrics."""
+    root = tmp_path / "project"
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "metrics").mkdir()
+    (root / "data" / "raw" / "sample_submission.csv").write_text(SAMPLE)
+    (root / "data" / "submission.csv").write_text(GOOD)
+    (root / "params.yaml").write_text(f"data:\n  competition: {COMPETITION}\n")
+    (root / "metrics" / "predict_tta.json").write_text(
+        json.dumps({"valid_log_loss": 0.43214, "accuracy": 0.9})
+    )
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return root
+
+
+def git(*arguments: str, cwd: Path) -> str:
+    identity = ["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    return subprocess.run(
+        ["git", *identity, *arguments], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def calls(requests: list, method: str) -> list:
+    return [request for request in requests if request.api_method == method]
+
+
+def test_submit_uploads_the_file_and_returns_the_server_message(tmp_path, monkeypatch):
+    submission = tmp_path / "submission.csv"
+    submission.write_text(GOOD)
+    with serve_competition({COMPETITION: b""}, submission_message="Successfully submitted to Dog Breed") as (
+        port,
+        requests,
+    ):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, tmp_path))
+        answer = submit(
+            submission_csv=submission, competition=COMPETITION, message="first try | commit abc1234"
+        )
+
+    assert answer == "Successfully submitted to Dog Breed"
+    start = calls(requests, "StartSubmissionUpload")[0].json()
+    assert (start["competitionName"], start["fileName"], start["contentLength"]) == (
+        COMPETITION,
+        "submission.csv",
+        len(GOOD.encode()),
+    )
+    uploads = [request for request in requests if request.method == "PUT"]
+    assert [upload.body for upload in uploads] == [submission.read_bytes()]
+    create = calls(requests, "CreateSubmission")[0].json()
+    assert create == {
+        "competitionName": COMPETITION,
+        "blobFileTokens": uploads[0].path.removeprefix("/upload/"),
+        "submissionDescription": "first try | commit abc1234",
+    }
+
+
+def test_main_names_commit_experiment_and_log_loss(project, monkeypatch):
+    git("init", "-q", cwd=project)
+    git("add", "params.yaml", cwd=project)
+    git("commit", "-q", "-m", "params", cwd=project)
+    commit = git("rev-parse", "--short", "HEAD", cwd=project).strip()
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-stand-in")
+    with serve_competition({COMPETITION: b""}) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
+        assert main(["--message", "resnet34, 3 cycles"]) == 0
+
+    create = calls(requests, "CreateSubmission")[0].json()
+    assert create["competitionName"] == COMPETITION  # read from params.yaml
+    assert create["submissionDescription"] == (
+        f"resnet34, 3 cycles | commit {commit} | experiment exp-stand-in | valid log loss 0.4321"
+    )
+    assert [request.body for request in requests if request.method == "PUT"] == [GOOD.encode()]
+
+
+def test_description_marks_a_dirty_checkout_and_skips_what_is_unknown(project):
+    git("init", "-q", cwd=project)
+    git("add", "params.yaml", cwd=project)
+    git("commit", "-q", "-m", "params", cwd=project)
+    commit = git("rev-parse", "--short", "HEAD", cwd=project).strip()
+    (project / "params.yaml").write_text("data:\n  competition: other\n")
+    description = submission_description(message="", metrics_path=project / "metrics" / "missing.json")
+    assert description == f"kagglecls | commit {commit}-dirty"
+
+
+@pytest.mark.parametrize(
+    ("submission", "message"),
+    [
+        ("id,boston_bull,pug\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,0.4\n", "column 3 is 'pug', expected 'dingo'"),
+        ("id,boston_bull\na1,0.9\nb2,0.2\nc3,0.6\n", "2 columns, expected 3"),
+        ("id,boston_bull,dingo\nb2,0.2,0.8\na1,0.9,0.1\nc3,0.6,0.4\n", "line 2: id 'b2', expected 'a1'"),
+        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\n", "2 rows, expected 3"),
+        (
+            "id,boston_bull,dingo\na1,0.9,0.1\nb2,nan,0.8\nc3,0.6,0.4\n",
+            "line 3, column 'boston_bull': expected a finite",
+        ),
+        (
+            "id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,inf\n",
+            "line 4, column 'dingo': expected a finite",
+        ),
+        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2\nc3,0.6,0.4\n", "line 3: 2 fields, expected 3"),
+    ],
+)
+def test_validate_names_what_is_wrong(tmp_path, submission, message):
+    (tmp_path / "sample.csv").write_text(SAMPLE)
+    (tmp_path / "submission.csv").write_text(submission)
+    with pytest.raises(SubmissionError) as error:
+        _validate(tmp_path / "submission.csv", tmp_path / "sample.csv")
+    assert message in str(error.value)
+    assert str(error.value).startswith(str(tmp_path / "submission.csv"))
+
+
+def test_validate_accepts_the_three_submission_formats(tmp_path):
+    formats = {
+        "probabilities": ("id,a,b\nx,0.5,0.5\ny,0.5,0.5\n", "id,a,b\nx,0.9,0.1\ny,1e-3,0.999\n"),
+        "label": (
+            "file,species\n1.png,Charlock\n2.png,Charlock\n",
+            "file,species\n1.png,Maize\n2.png,Sugar beet\n",
+        ),
+        "positive probability": ("id,label\n1,0.5\n2,0.5\n", "id,label\n1,0.01\n2,1\n"),
+    }
+    for name, (sample, submission) in formats.items():
+        (tmp_path / f"{name}-sample.csv").write_text(sample)
+        (tmp_path / f"{name}.csv").write_text(submission)
+        _validate(tmp_path / f"{name}.csv", tmp_path / f"{name}-sample.csv")
+
+
+def test_main_refuses_an_invalid_file_before_any_upload(project, monkeypatch, capsys):
+    (project / "data" / "submission.csv").write_text(
+        "id,boston_bull,dingo\na1,0.9,0.1\nb2,nan,0.8\nc3,0.6,0.4\n"
+    )
+    with serve_competition({COMPETITION: b""}) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--message", "broken"])
+
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "kagglecls-submit: error: data/submission.csv line 3, column 'boston_bull': "
+        "expected a finite number, found 'nan'\n"
+    )
+    assert requests == []
+
+
+def test_console_entry_point_prints_one_line_and_exits_2(project, tmp_path):
+    (project / "data" / "submission.csv").write_text("id,boston_bull,dingo\nzz,0.9,0.1\n")
+    source_root = Path(kagglecls.__file__).parents[1]
+    env = subprocess_env(kaggle_env(1, tmp_path)) | {"PYTHONPATH": str(source_root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "kagglecls.submit"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == "kagglecls-submit: error: data/submission.csv: 1 rows, expected 3 as in " + (
+        "data/raw/sample_submission.csv\n"
+    )
+    assert result.stdout == ""
+
+
+def test_rules_not_accepted_on_submit(tmp_path, monkeypatch):
+    submission = tmp_path / "submission.csv"
+    submission.write_text(GOOD)
+    with serve_competition({}, status_by_name={COMPETITION: 403}) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, tmp_path))
+        with pytest.raises(KaggleError) as error:
+            submit(submission_csv=submission, competition=COMPETITION, message="x")
+    assert "HTTP 403" in str(error.value)
+    assert f"https://www.kaggle.com/competitions/{COMPETITION}/rules" in str(error.value)
+    assert [request for request in requests if request.method == "PUT"] == []
+
+
+def test_no_submissions_left_today(tmp_path, monkeypatch):
+    submission = tmp_path / "submission.csv"
+    submission.write_text(GOOD)
+    limits = {"numToday": 5, "numTotal": 40, "numAllowedNow": 0}
+    with serve_competition({COMPETITION: b""}, submission_limits=limits) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, tmp_path))
+        with pytest.raises(KaggleError) as error:
+            submit(submission_csv=submission, competition=COMPETITION, message="x")
+    assert str(error.value) == (
+        f"no submissions left today for competition {COMPETITION!r} (5 made today, 40 in total); "
+        "try again after the limit resets"
+    )
+    assert calls(requests, "StartSubmissionUpload") == []
+
+
+def test_first_submission_of_a_new_user_is_not_blocked(tmp_path, monkeypatch):
+    submission = tmp_path / "submission.csv"
+    submission.write_text(GOOD)
+    limits = {"numToday": 0, "numTotal": 0, "numAllowedNow": 0}  # Kaggle's answer before the team exists
+    with serve_competition({COMPETITION: b""}, submission_limits=limits) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, tmp_path))
+        submit(submission_csv=submission, competition=COMPETITION, message="x")
+    assert len(calls(requests, "CreateSubmission")) == 1
+
+
+def test_missing_credentials_on_submit(tmp_path, monkeypatch):
+    submission = tmp_path / "submission.csv"
+    submission.write_text(GOOD)
+    with serve_competition({COMPETITION: b""}) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, tmp_path, credentials="none"))
+        with pytest.raises(KaggleError, match=r"^no Kaggle credentials found"):
+            submit(submission_csv=submission, competition=COMPETITION, message="x")
+    assert requests == []
+    assert not os.environ.get("KAGGLE_KEY")
