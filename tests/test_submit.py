@@ -123,19 +123,19 @@ def test_description_marks_a_dirty_checkout_and_skips_what_is_unknown(project):
 @pytest.mark.parametrize(
     ("submission", "message"),
     [
-        ("id,boston_bull,pug\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,0.4\n", "column 3 is 'pug', expected 'dingo'"),
-        ("id,boston_bull\na1,0.9\nb2,0.2\nc3,0.6\n", "2 columns, expected 3"),
-        ("id,boston_bull,dingo\nb2,0.2,0.8\na1,0.9,0.1\nc3,0.6,0.4\n", "line 2: id 'b2', expected 'a1'"),
-        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\n", "2 rows, expected 3"),
+        ("id,boston_bull,pug\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,0.4\n", "column 3 is 'pug' where the sample has 'dingo'"),
+        ("id,boston_bull\na1,0.9\nb2,0.2\nc3,0.6\n", "column 3 is nothing where the sample has 'dingo'"),
+        ("id,boston_bull,dingo\nb2,0.2,0.8\na1,0.9,0.1\nc3,0.6,0.4\n", "row 1 is id 'b2' where the sample has id 'a1'"),
+        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\n", "row 3 is missing where the sample has id 'c3'"),
         (
             "id,boston_bull,dingo\na1,0.9,0.1\nb2,nan,0.8\nc3,0.6,0.4\n",
-            "line 3, column 'boston_bull': expected a finite",
+            "row 2 (id 'b2'): column 'boston_bull' is 'nan', expected a finite",
         ),
         (
             "id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,inf\n",
-            "line 4, column 'dingo': expected a finite",
+            "row 3 (id 'c3'): column 'dingo' is inf, expected a finite",
         ),
-        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2\nc3,0.6,0.4\n", "line 3: 2 fields, expected 3"),
+        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2\nc3,0.6,0.4\n", "row 2 (id 'b2'): column 'dingo' is '', expected a finite"),
     ],
 )
 def test_validate_names_what_is_wrong(tmp_path, submission, message):
@@ -173,8 +173,8 @@ def test_main_refuses_an_invalid_file_before_any_upload(project, monkeypatch, ca
 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        "kagglecls-submit: error: data/submission.csv line 3, column 'boston_bull': "
-        "expected a finite number, found 'nan'\n"
+        "kagglecls-submit: error: data/submission.csv: submission row 2 (id 'b2'): column 'boston_bull' is "
+        "'nan', expected a finite probability in [0, 1] (1 bad rows)\n"
     )
     assert requests == []
 
@@ -187,9 +187,11 @@ def test_console_entry_point_prints_one_line_and_exits_2(project, tmp_path):
         [sys.executable, "-m", "kagglecls.submit"], cwd=project, env=env, capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr == "kagglecls-submit: error: data/submission.csv: 1 rows, expected 3 as in " + (
-        "data/raw/sample_submission.csv\n"
+    assert result.stderr.splitlines()[-1] == (
+        "kagglecls-submit: error: data/submission.csv: submission row 1 is id 'zz' where the sample has id 'a1' "
+        "(3 rows differ; 1 rows, the sample has 3; expected every sample id once, in the sample's order)"
     )
+    assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
 

@@ -33,6 +33,8 @@ import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from kagglecls.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -42,7 +44,7 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 EXAMPLES_SHOWN = 5  # how many offending names a message lists before "..."
 
 
-class CompetitionError(Exception):
+class CompetitionError(UserError):
     """A problem with the competition's files that the user can fix; the message is one line."""
 
 

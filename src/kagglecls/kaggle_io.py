@@ -30,6 +30,8 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
+from kagglecls.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SETTINGS_URL = "https://www.kaggle.com/settings"
@@ -40,7 +42,7 @@ COPY_BUFFER_BYTES = 1 << 20
 SECRET_VARIABLES = ("KAGGLE_KEY", "KAGGLE_API_TOKEN")
 
 
-class KaggleError(Exception):
+class KaggleError(UserError):
     """A failure the user can fix; str() is one line saying what happened and what to do."""
 
 

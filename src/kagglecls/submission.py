@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kagglecls.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("probabilities", "label", "binary")
@@ -33,7 +35,7 @@ ROW_SUM_TOLERANCE = 1e-4  # how far a row of probabilities may sum from 1
 EXAMPLES_SHOWN = 5  # how many offending names a message lists before "..."
 
 
-class SubmissionError(Exception):
+class SubmissionError(UserError):
     """A submission or sample submission that does not fit; the message is one line."""
 
 

@@ -13,25 +13,22 @@ validation log loss from metrics/predict_tta.json. Errors are one line on stderr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import math
 import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from kagglecls.kaggle_io import KaggleError, submit
 from kagglecls.params import ParamsError, load_params
+from kagglecls.submission import SubmissionError, read_sample_submission, validate_submission
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
-
-
-class SubmissionError(ValueError):
-    """A submission file that Kaggle would reject; the message is one line naming the file, row and column."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,57 +98,23 @@ def _valid_log_loss(metrics_path: Path) -> float | None:
 
 
 def _validate(submission_csv: Path, sample_csv: Path) -> None:
-    """Same header as the sample, same ids in the same order, every value filled (finite where numeric)."""
-    sample_header, sample_rows = _read_csv(
-        sample_csv, what="sample submission (the download stage writes it)"
-    )
-    header, rows = _read_csv(submission_csv, what="submission (dvc repro builds it)")
-    if header != sample_header:
-        difference = _header_difference(header, sample_header)
-        raise SubmissionError(f"{submission_csv}: header differs from the one in {sample_csv}: {difference}")
-    if len(rows) != len(sample_rows):
-        raise SubmissionError(
-            f"{submission_csv}: {len(rows)} rows, expected {len(sample_rows)} as in {sample_csv}"
-        )
-    numeric = [_is_finite_number(value) for value in sample_rows[0][1:]] if sample_rows else []
-    for line, (row, sample_row) in enumerate(zip(rows, sample_rows, strict=True), start=2):
-        _check_row(row, sample_row, header=header, numeric=numeric, where=f"{submission_csv} line {line}")
-
-
-def _check_row(
-    row: list[str], sample_row: list[str], *, header: list[str], numeric: list[bool], where: str
-) -> None:
-    if len(row) != len(header):
-        raise SubmissionError(f"{where}: {len(row)} fields, expected {len(header)}")
-    if row[0] != sample_row[0]:
-        raise SubmissionError(
-            f"{where}: id {row[0]!r}, expected {sample_row[0]!r} (the sample's ids and order)"
-        )
-    for column, value, is_numeric in zip(header[1:], row[1:], numeric, strict=True):
-        if is_numeric and not _is_finite_number(value):
-            raise SubmissionError(f"{where}, column {column!r}: expected a finite number, found {value!r}")
-        if not value.strip():
-            raise SubmissionError(f"{where}, column {column!r}: expected a value, found an empty field")
-
-
-def _read_csv(path: Path, *, what: str) -> tuple[list[str], list[list[str]]]:
+    """The pipeline's own validator: the sample's columns and ids in order, finite values, rows summing to 1."""
+    fmt = read_sample_submission(sample_csv)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            rows = list(csv.reader(file))
+        frame = pd.read_csv(
+            submission_csv, dtype={fmt.id_column: str}, keep_default_na=False, encoding="utf-8-sig"
+        )
     except FileNotFoundError:
-        raise SubmissionError(f"{path}: no such file; expected the {what}") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise SubmissionError(f"{path}: cannot read it as CSV ({error})") from None
-    if not rows:
-        raise SubmissionError(f"{path}: empty file; expected a header line and one line per id")
-    return rows[0], rows[1:]
-
-
-def _is_finite_number(value: str) -> bool:
+        raise SubmissionError(
+            f"{submission_csv}: no such file; expected the submission (dvc repro builds it)"
+        ) from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SubmissionError(f"{submission_csv}: cannot read it as CSV ({first_line})") from None
     try:
-        return math.isfinite(float(value))
-    except ValueError:
-        return False
+        validate_submission(frame, fmt)
+    except SubmissionError as error:
+        raise SubmissionError(f"{submission_csv}: {error}") from None
 
 
 def _header_difference(header: list[str], sample_header: list[str]) -> str:
