@@ -234,30 +234,15 @@ def _fit_images(
     batch_size = fit_params.batch_size or params.base.batch_size
     histories, lrs = [], []
     for round_index, size in enumerate(sizes):
-        loaders = _augmented_loaders(
+        train_loader, valid_loader = _augmented_loaders(
             params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
         )
-        n_groups = len(model.layer_groups)
-        optimizer = make_optimizer(
-            group_parameters(model),
-            [1.0] * n_groups,
-            kind=fit_params.optimizer,
-            weight_decay=fit_params.weight_decay,
-        )
         plot_path = outputs.plots_dir / f"lr_find_{size}.png" if context.is_main else None
-        top_lr, _ = choose_lr(
-            fit_params,
-            model=trained,
-            optimizer=optimizer,
-            loader=loaders[0],
-            settings=settings,
-            plot_path=plot_path,
+        optimizer, group_lrs = _differential_optimizer(
+            fit_params, model, trained, train_loader, settings, lr_ratio=lr_ratio, plot_path=plot_path
         )
-        group_lrs = differential_lrs(top_lr, n_groups=n_groups, ratio=lr_ratio)
-        trainable = [lr for lr, group in zip(group_lrs, group_parameters(model), strict=True) if group]
-        for group, lr in zip(optimizer.param_groups, trainable, strict=True):
-            group["initial_lr"] = lr
-        plan = plan_fit(fit_params, steps_per_epoch=len(loaders[0]), seed=params.base.seed + round_index)
+        plan = plan_fit(fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed + round_index)
+        checkpoint = _checkpoint_path(outputs, size)
         fingerprint = fingerprint_of(
             stage,
             asdict(params),
@@ -265,17 +250,12 @@ def _fit_images(
             [file_md5(path) for path in inputs],
             file_md5(reorganised / "manifest.csv"),
         )
-        checkpoint = (
-            outputs.checkpoint.with_name(f"{outputs.checkpoint.stem}_{size}.pt")
-            if outputs.checkpoint
-            else None
-        )
         history = fit(
             trained,
             optimizer,
             plan=plan,
-            train_loader=loaders[0],
-            valid_loader=loaders[1],
+            train_loader=train_loader,
+            valid_loader=valid_loader,
             settings=settings,
             checkpoint=checkpoint,
             fingerprint=fingerprint,
@@ -283,7 +263,7 @@ def _fit_images(
             description=f"{stage} size {size}",
         )
         histories += [{**record, "size": size} for record in history]
-        lrs.append(trainable)
+        lrs.append(group_lrs)
         if checkpoint is not None:
             inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
     if context.is_main:
@@ -296,6 +276,40 @@ def _fit_images(
             outputs=outputs,
             extra={"image_size": sizes[-1]},
         )
+
+
+def _differential_optimizer(
+    fit_params: FitParams,
+    model: Classifier,
+    trained: nn.Module,
+    loader,  # noqa: ANN001
+    settings: StepSettings,
+    *,
+    lr_ratio: float,
+    plot_path: Path | None,
+) -> tuple[torch.optim.Optimizer, list[float]]:
+    """An optimizer over the trainable layer groups, each at the top lr / lr_ratio^(groups above it)."""
+    group_parameter_lists = group_parameters(model)
+    optimizer = make_optimizer(
+        group_parameter_lists,
+        [1.0] * len(group_parameter_lists),
+        kind=fit_params.optimizer,
+        weight_decay=fit_params.weight_decay,
+    )
+    top_lr, _ = choose_lr(
+        fit_params, model=trained, optimizer=optimizer, loader=loader, settings=settings, plot_path=plot_path
+    )
+    all_lrs = differential_lrs(top_lr, n_groups=len(group_parameter_lists), ratio=lr_ratio)
+    trainable_lrs = [lr for lr, group in zip(all_lrs, group_parameter_lists, strict=True) if group]
+    for group, lr in zip(optimizer.param_groups, trainable_lrs, strict=True):
+        group["initial_lr"] = lr
+    return optimizer, trainable_lrs
+
+
+def _checkpoint_path(outputs: StageOutputs, size: int) -> Path | None:
+    if outputs.checkpoint is None:
+        return None
+    return outputs.checkpoint.with_name(f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}")
 
 
 def _device_for(params: Params, context: DistributedContext) -> torch.device:

@@ -22,7 +22,6 @@ from kagglecls.loading import (
 from kagglecls.params import Params
 from kagglecls.training import (
     accuracy,
-    evaluate,
     log_loss,
     pick_device,
     predict_probabilities,
@@ -50,21 +49,22 @@ def predict_tta(
     settings = step_settings(params, device)
     model = to_device(model, settings)
     size = params.finetune.sizes[-1]
-    valid = _tta(params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings)
+    valid, valid_plain = _tta(
+        params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings
+    )
     targets = splits["valid"].labels
-    plain_metrics = evaluate_plain(params, model, reorganised, cache_dir, splits["valid"], size, settings)
     report = {
         "valid_log_loss": log_loss(valid, targets),
         "valid_accuracy": accuracy(valid, targets),
-        "valid_log_loss_no_tta": plain_metrics["valid_log_loss"],
-        "valid_accuracy_no_tta": plain_metrics["valid_accuracy"],
+        "valid_log_loss_no_tta": log_loss(valid_plain, targets),
+        "valid_accuracy_no_tta": accuracy(valid_plain, targets),
         "n_aug": params.predict_tta.n_aug,
     }
     _interpret(params, valid, splits["valid"], classes, reorganised, cache_dir, plots_dir)
     plots.write_json(report, metrics)
     test = splits["test"]
     test_probabilities = (
-        _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)
+        _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
         if test.rows
         else np.zeros((0, len(classes)))
     )
@@ -77,22 +77,8 @@ def predict_tta(
     )
 
 
-def evaluate_plain(params, model, reorganised, cache_dir, split, size, settings) -> dict:  # noqa: ANN001
-    transform = EvalPreset(size=size, normalisation=normalisation_for(params.model.arch))
-    loader = image_loader(
-        params,
-        reorganised,
-        cache_dir,
-        split,
-        transform=transform,
-        shuffle=False,
-        size=size,
-        batch_size=params.precompute.batch_size,
-    )
-    return evaluate(model, loader, settings=settings)
-
-
-def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> np.ndarray:  # noqa: ANN001
+def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(TTA probabilities, plain-pass probabilities) for the split's images, in its order."""
     normalisation = normalisation_for(params.model.arch)
     augmentation = params.finetune.augmentation
 
@@ -121,7 +107,9 @@ def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> np.
         probabilities, _ = predict_probabilities(model, loader, settings=settings, description="tta")
         return probabilities
 
-    return inference.tta_probabilities(predict, n_aug=params.predict_tta.n_aug, beta=params.predict_tta.beta)
+    plain = predict(None)
+    augmented = [predict(pass_index) for pass_index in range(params.predict_tta.n_aug)]
+    return inference.combine_tta(plain, augmented, beta=params.predict_tta.beta), plain
 
 
 def _interpret(params, probabilities, split, classes, reorganised, cache_dir, plots_dir: Path) -> None:  # noqa: ANN001
@@ -145,7 +133,8 @@ def _interpret(params, probabilities, split, classes, reorganised, cache_dir, pl
     worst = inference.top_losses(probabilities, targets, k=params.predict_tta.top_losses)
     pictures = [images.load_rgb(reorganised / split.rows[item.index].file, short_side=160) for item in worst]
     titles = [
-        f"{classes[item.actual]} / {classes[item.predicted]}\np={item.probability_of_predicted:.2f} loss={item.loss:.2f}"
+        f"actual {classes[item.actual]}\npredicted {classes[item.predicted]} "
+        f"(p={item.probability_of_predicted:.2f}, loss={item.loss:.2f})"
         for item in worst
     ]
     plots.plot_image_grid(pictures, titles, path=plots_dir / "top_losses.png")
