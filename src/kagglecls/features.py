@@ -38,6 +38,16 @@ def write_features(
     """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically."""
     model.eval()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    try:
+        _stream_features(model, loader, n_items=n_items, temporary=temporary, settings=settings,
+                         description=description, path=path)  # fmt: skip
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
+
+
+def _stream_features(model, loader, *, n_items, temporary, settings, description, path) -> None:  # noqa: ANN001
     array = None
     position = 0
     for inputs, _targets in tqdm(loader, desc=description, leave=False):
@@ -54,8 +64,6 @@ def write_features(
     if position != n_items:
         raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
     array.flush()
-    del array
-    os.replace(temporary, path)
 
 
 class FeatureDataset(Dataset):

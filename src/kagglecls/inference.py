@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +16,6 @@ def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: flo
     if not augmented:
         return plain
     return (1 - beta) * np.mean(np.stack(augmented), axis=0) + beta * plain
-
-
-def tta_probabilities(predict: Callable[[int | None], np.ndarray], *, n_aug: int, beta: float) -> np.ndarray:
-    """`predict(None)` gives the plain pass; `predict(k)` the k-th augmented pass (k seeds its randomness)."""
-    plain = predict(None)
-    return combine_tta(plain, [predict(index) for index in range(n_aug)], beta=beta)
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, *, n_classes: int) -> np.ndarray:

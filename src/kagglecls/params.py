@@ -234,7 +234,7 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
     fields = {item.name for item in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ParamsError(f"unknown key {prefix}{key!r}; allowed: {', '.join(sorted(fields))}")
+            raise ParamsError(f"unknown key '{prefix}{key}'; allowed: {', '.join(sorted(fields))}")
     values = {name: _convert(hints[name], raw[name], key=f"{prefix}{name}") for name in fields if name in raw}
     try:
         return cls(**values)

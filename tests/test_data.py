@@ -1,0 +1,250 @@
+"""Splits, sharded sampling, presets and the pre-resized image cache, on small generated images."""
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kagglecls.data import (
+    DataError,
+    EvalPreset,
+    ImageDataset,
+    ManifestRow,
+    Normalisation,
+    SeededSampler,
+    TrainPreset,
+    cache_short_side,
+    file_md5,
+    make_loader,
+    read_manifest,
+    resized_files,
+    stratified_split,
+    write_manifest,
+)
+
+LITE = Normalisation(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def _image_rows(folder: Path, sizes: list[tuple[int, int]]) -> list[ManifestRow]:
+    rows = []
+    for index, (width, height) in enumerate(sizes):
+        path = folder / f"image{index}.png"
+        _noise_image(width, height, seed=index).save(path)
+        rows.append(ManifestRow(path.name, "a", "train", str(index), file_md5(path), width, height))
+    return rows
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = ["a"] * 100 + ["b"] * 50 + ["c"] * 10
+    splits = stratified_split(labels, valid_pct=0.2, seed=0)
+    valid = Counter(label for label, split in zip(labels, splits, strict=True) if split == "valid")
+    assert valid == {"a": 20, "b": 10, "c": 2}
+    assert Counter(splits) == {"train": 128, "valid": 32}
+
+
+def test_stratified_split_at_least_one_valid_never_all():
+    labels = ["a"] * 10 + ["b"] * 5 + ["c"] * 2
+    splits = stratified_split(labels, valid_pct=0.2, seed=0)
+    valid = Counter(label for label, split in zip(labels, splits, strict=True) if split == "valid")
+    # a: round(2.0) = 2; b: round(1.0) = 1; c: round(0.4) = 0, raised to 1.
+    assert valid == {"a": 2, "b": 1, "c": 1}
+    almost_all = stratified_split(["x", "x", "y", "y", "y"], valid_pct=0.9, seed=0)
+    assert Counter(zip(["x", "x", "y", "y", "y"], almost_all, strict=True)) == {
+        ("x", "valid"): 1,
+        ("x", "train"): 1,
+        ("y", "valid"): 2,
+        ("y", "train"): 1,
+    }
+
+
+def test_stratified_split_is_deterministic_per_seed():
+    labels = [f"class{index % 4}" for index in range(80)]
+    assert stratified_split(labels, valid_pct=0.25, seed=1) == stratified_split(
+        labels, valid_pct=0.25, seed=1
+    )
+    others = {tuple(stratified_split(labels, valid_pct=0.25, seed=seed)) for seed in range(2, 6)}
+    assert len(others | {tuple(stratified_split(labels, valid_pct=0.25, seed=1))}) == 5
+
+
+def test_stratified_split_refuses_a_class_of_one():
+    with pytest.raises(DataError, match="class 'lonely' has 1 image; at least 2 are needed"):
+        stratified_split(["a", "a", "lonely"], valid_pct=0.2, seed=0)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def _shards(n_items: int, world_size: int, *, epoch: int = 0) -> list[list[tuple[int, int]]]:
+    shards = []
+    for rank in range(world_size):
+        sampler = SeededSampler(n_items, shuffle=True, seed=5, rank=rank, world_size=world_size)
+        sampler.set_epoch(epoch)
+        shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1])
+    return shards
+
+
+def test_sampler_shards_without_overlap():
+    shards = _shards(12, 3)
+    indices = [[index for index, _seed in shard] for shard in shards]
+    assert [len(shard) for shard in indices] == [4, 4, 4]
+    assert sorted(index for shard in indices for index in shard) == list(range(12))
+
+
+def test_sampler_pads_uneven_shards_to_the_same_length():
+    shards = _shards(10, 3)
+    indices = [index for shard in shards for index, _seed in shard]
+    assert [len(shard) for shard in shards] == [4, 4, 4]
+    assert set(indices) == set(range(10))
+    assert sum(count - 1 for count in Counter(indices).values()) == 2  # 12 slots for 10 items
+
+
+def test_sampler_seeds_per_item_and_epoch():
+    whole = dict(_shards(10, 1)[0])
+    sharded = dict(pair for shard in _shards(10, 2) for pair in shard)
+    assert sharded == whole  # an item's augmentation seed does not depend on the number of ranks
+    next_epoch = _shards(10, 1, epoch=1)[0]
+    assert [index for index, _seed in next_epoch] != list(whole)
+    assert all(seed != whole[index] for index, seed in next_epoch)
+    assert [index for index, _seed in SeededSampler(5, shuffle=False, seed=5)] == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_eval_preset_scales_crops_and_normalises():
+    image = Image.new("RGB", (50, 40), (255, 0, 128))
+    tensor = EvalPreset(size=32, normalisation=LITE)(image)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    expected = [1.0, -1.0, (128 / 255 - 0.5) / 0.5]
+    for channel, value in enumerate(expected):
+        assert torch.allclose(tensor[channel], torch.full((32, 32), value), atol=1e-6)
+
+
+@pytest.mark.parametrize("augmentation", ["side_on", "top_down", "none"])
+def test_train_preset_shapes(augmentation):
+    preset = TrainPreset(size=32, augmentation=augmentation, max_zoom=1.1, normalisation=LITE)
+    for width, height in [(60, 45), (45, 60), (32, 32), (20, 30)]:
+        assert preset(_noise_image(width, height)).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("augmentation", ["side_on", "top_down"])
+def test_train_preset_is_deterministic_under_a_torch_seed(augmentation):
+    preset = TrainPreset(size=32, augmentation=augmentation, max_zoom=1.1, normalisation=LITE)
+    image = _noise_image(60, 45)
+    outputs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outputs.append(preset(image))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], outputs[2])
+
+
+def test_train_preset_none_is_the_eval_preset():
+    image = _noise_image(60, 45)
+    plain = TrainPreset(size=32, augmentation="none", max_zoom=1.1, normalisation=LITE)(image)
+    assert torch.equal(plain, EvalPreset(size=32, normalisation=LITE)(image))
+
+
+def test_train_preset_unknown_augmentation():
+    with pytest.raises(DataError, match="augmentation 'spin': expected side_on, top_down or none"):
+        TrainPreset(size=32, augmentation="spin", max_zoom=1.1, normalisation=LITE)
+
+
+def test_image_dataset_and_loader_are_seeded_per_item(tmp_path):
+    rows = _image_rows(tmp_path, [(40, 30), (30, 40), (36, 36)])
+    preset = TrainPreset(size=24, augmentation="side_on", max_zoom=1.1, normalisation=LITE)
+    dataset = ImageDataset([tmp_path / row.file for row in rows], [2, 0, 1], preset)
+    image, label = dataset[(1, 123)]
+    assert image.shape == (3, 24, 24) and label == 0
+    assert torch.equal(dataset[(1, 123)][0], image)
+    assert not torch.equal(dataset[(1, 124)][0], image)
+
+    def batches():
+        loader = make_loader(dataset, batch_size=2, shuffle=True, seed=4, num_workers=0)
+        return [(images.clone(), labels.tolist()) for images, labels in loader]
+
+    first, second = batches(), batches()
+    assert [labels for _images, labels in first] == [labels for _images, labels in second]
+    assert all(torch.equal(one, other) for (one, _), (other, _) in zip(first, second, strict=True))
+    assert sorted(label for _images, labels in first for label in labels) == [0, 1, 2]
+
+
+def test_unlabelled_dataset_gives_minus_one(tmp_path):
+    rows = _image_rows(tmp_path, [(20, 20)])
+    dataset = ImageDataset([tmp_path / rows[0].file], None, EvalPreset(size=16, normalisation=LITE))
+    assert dataset[(0, 0)][1] == -1
+
+
+# ---------------------------------------------------------------- resize cache and manifest
+
+
+def test_cache_short_side():
+    assert cache_short_side(64, 1.3) == 83
+    assert cache_short_side(224, 1.3) == 291
+    assert cache_short_side(64, 1.0) == 64
+
+
+def test_file_md5(tmp_path):
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(b"kagglecls" * 1000)
+    assert file_md5(path) == hashlib.md5(b"kagglecls" * 1000).hexdigest()
+
+
+def test_resized_files_named_by_md5_and_short_side(tmp_path):
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    root.mkdir()
+    rows = _image_rows(root, [(60, 45), (30, 90), (20, 16)])
+    paths = resized_files(rows, root=root, cache_dir=cache, short_side=24, workers=1)
+    assert paths == [cache / "v1-short24" / row.md5[:2] / f"{row.md5}.jpg" for row in rows]
+    sizes = [Image.open(path).size for path in paths]
+    assert sizes == [(32, 24), (24, 72), (20, 16)]  # shorter side 24; a smaller image is not upscaled
+
+
+def test_resized_files_reuse_existing_files_and_keep_other_sizes(tmp_path):
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    root.mkdir()
+    rows = _image_rows(root, [(60, 45), (45, 60)])
+    first = resized_files(rows, root=root, cache_dir=cache, short_side=24, workers=1)
+    first[0].write_bytes(b"already there")  # a file that exists is never rewritten
+    again = resized_files(rows, root=root, cache_dir=cache, short_side=24, workers=1)
+    assert again == first and first[0].read_bytes() == b"already there"
+    larger = resized_files(rows, root=root, cache_dir=cache, short_side=40, workers=1)
+    assert [path.parent.parent.name for path in larger] == ["v1-short40"] * 2
+    assert min(Image.open(larger[1]).size) == 40
+    assert first[0].read_bytes() == b"already there"  # the other size's cache is left alone
+
+
+def test_resized_files_name_an_undecodable_image(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    row = ManifestRow("broken.jpg", "a", "train", "1", "ab" * 16, 0, 0)
+    with pytest.raises(DataError, match="broken.jpg: cannot be decoded for the resize cache"):
+        resized_files([row], root=tmp_path, cache_dir=tmp_path / "cache", short_side=24, workers=1)
+
+
+def test_manifest_round_trip_and_column_check(tmp_path):
+    rows = [
+        ManifestRow("train/a.jpg", "dog", "train", "a", "0" * 32, 640, 480),
+        ManifestRow("", "", "test", "b", "", 0, 0),
+    ]
+    path = tmp_path / "manifest.csv"
+    write_manifest(rows, path)
+    assert read_manifest(path) == rows
+    assert [item.name for item in tmp_path.iterdir()] == ["manifest.csv"]
+    path.write_text("file,label\n")
+    with pytest.raises(
+        DataError, match="manifest.csv: expected columns file,label,split,id,md5,width,height"
+    ):
+        read_manifest(path)

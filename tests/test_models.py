@@ -1,0 +1,190 @@
+"""Body, head, layer groups and freezing: which parameters and BatchNorm statistics a training step changes."""
+
+import pytest
+import torch
+from torch import nn
+
+from kagglecls.models import (
+    AdaptiveConcatPool2d,
+    Classifier,
+    ModelError,
+    body_is_frozen,
+    build_classifier,
+    differential_lrs,
+    freeze_to,
+    group_parameters,
+    make_head,
+    set_train_mode,
+    unfreeze,
+)
+from kagglecls.training import make_optimizer
+
+
+def _tiny_classifier(n_classes: int = 3) -> Classifier:
+    """Two body groups (conv+BN each) and fastai's head: the shape of the real models, small enough to step."""
+    torch.manual_seed(0)
+    stem = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+    late = [nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU()]
+    body = nn.Sequential(*stem, *late)
+    head = make_head(in_features=12, n_classes=n_classes, hidden=[8], dropout=[0.25, 0.5])
+    return Classifier(body=body, head=head, body_groups=[stem, late])
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _train_step(model: Classifier, *, frozen_bn: str, bn_statistics: str = "batch") -> None:
+    """One AdamW step on the trainable groups, in the mode the training loop uses."""
+    optimizer = make_optimizer(group_parameters(model), [1e-2] * 3, kind="adam", weight_decay=0.01)
+    set_train_mode(model, frozen_bn=frozen_bn, bn_statistics=bn_statistics)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 8, 8, generator=generator) * 2 + 1  # far from BN's initial statistics
+    targets = torch.randint(0, 3, (8,), generator=generator)
+    loss = nn.functional.cross_entropy(model(images), targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _changed(before: dict[str, torch.Tensor], model: nn.Module) -> dict[str, bool]:
+    return {key: not torch.equal(before[key], value) for key, value in model.state_dict().items()}
+
+
+def _is_bn_running_stat(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_concat_pool_is_max_then_mean():
+    features = torch.arange(8.0).reshape(1, 2, 2, 2)  # channel 0: 0..3, channel 1: 4..7
+    assert AdaptiveConcatPool2d()(features).tolist() == [[3.0, 7.0, 1.5, 5.5]]
+
+
+def test_head_is_fastais():
+    head = make_head(in_features=1024, n_classes=7, hidden=[512], dropout=[0.25, 0.5])
+    kinds = [type(layer).__name__ for layer in head]
+    assert kinds == ["BatchNorm1d", "Dropout", "Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"]
+    assert (head[0].num_features, head[1].p, head[2].in_features, head[2].out_features) == (
+        1024,
+        0.25,
+        1024,
+        512,
+    )
+    assert (head[4].num_features, head[5].p, head[6].in_features, head[6].out_features) == (512, 0.5, 512, 7)
+    no_hidden = make_head(in_features=10, n_classes=2, hidden=[], dropout=[0.1])
+    assert [type(layer).__name__ for layer in no_hidden] == ["BatchNorm1d", "Dropout", "Linear"]
+
+
+def test_differential_lrs():
+    assert differential_lrs(1e-3, n_groups=3, ratio=3) == [1e-3 / 9, 1e-3 / 3, 1e-3]
+    assert differential_lrs(1e-2, n_groups=2, ratio=10) == [1e-3, 1e-2]
+    assert differential_lrs(0.5, n_groups=1, ratio=3) == [0.5]
+
+
+@pytest.mark.parametrize(("arch", "channels"), [("resnet34", 512), ("efficientnet_lite0", 1280)])
+def test_three_layer_groups_covering_every_parameter_once(arch, channels):
+    model = build_classifier(arch, n_classes=5, pretrained=False)
+    assert len(model.layer_groups) == 3
+    assert model.layer_groups[-1] == [model.head]
+    assert model.head[0].num_features == 2 * channels
+    grouped = [id(parameter) for group in group_parameters(model) for parameter in group]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(parameter) for parameter in model.parameters()}
+    assert all(group for group in group_parameters(model))
+    model.eval()
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_unknown_arch_is_a_model_error():
+    with pytest.raises(ModelError, match="model.arch: 'vgg16' is unknown"):
+        build_classifier("vgg16", n_classes=2, pretrained=False)
+
+
+def test_group_parameters_empty_for_frozen_groups():
+    model = _tiny_classifier()
+    sizes = [len(group) for group in group_parameters(model)]
+    assert sizes == [4, 4, 8]  # conv and BN weight and bias per body group; the head's two BN and two Linear
+    freeze_to(model, -1)
+    assert [len(group) for group in group_parameters(model)] == [0, 0, 8]
+    assert body_is_frozen(model)
+    freeze_to(model, 1)
+    assert [len(group) for group in group_parameters(model)] == [0, 4, 8]
+    assert not body_is_frozen(model)
+    freeze_to(model, -1, frozen_bn="train")
+    assert [len(group) for group in group_parameters(model)] == [2, 2, 8]  # BN weight and bias stay trainable
+    unfreeze(model)
+    assert [len(group) for group in group_parameters(model)] == [4, 4, 8]
+
+
+def test_frozen_body_unchanged_head_changed_after_one_step():
+    model = _tiny_classifier()
+    freeze_to(model, -1)
+    before = _snapshot(model)
+    _train_step(model, frozen_bn="eval")
+    changed = _changed(before, model)
+    body = {key: value for key, value in changed.items() if key.startswith("body.")}
+    head = {key: value for key, value in changed.items() if key.startswith("head.")}
+    assert body and not any(body.values()), body  # weights and BN running statistics alike
+    head_parameters = {key: value for key, value in head.items() if not _is_bn_running_stat(key)}
+    assert len(head_parameters) == 8 and all(head_parameters.values()), head_parameters
+
+
+def test_unfrozen_every_parameter_changes():
+    model = _tiny_classifier()
+    freeze_to(model, -1)
+    unfreeze(model)
+    before = _snapshot(model)
+    _train_step(model, frozen_bn="eval")
+    assert all(_changed(before, model).values())
+
+
+def test_freeze_to_one_trains_only_the_later_groups():
+    model = _tiny_classifier()
+    freeze_to(model, 1)
+    before = _snapshot(model)
+    _train_step(model, frozen_bn="eval")
+    changed = _changed(before, model)
+    assert not any(value for key, value in changed.items() if key.startswith(("body.0.", "body.1.")))
+    assert all(value for key, value in changed.items() if key.startswith(("body.3.", "body.4.", "head.")))
+
+
+def test_frozen_bn_eval_keeps_running_statistics_and_eval_mode():
+    model = _tiny_classifier()
+    freeze_to(model, -1, frozen_bn="eval")
+    set_train_mode(model, frozen_bn="eval")
+    assert not any(module.training for group in model.layer_groups[:-1] for module in group)
+    assert all(module.training for module in model.head.modules())
+    before = _snapshot(model)
+    _train_step(model, frozen_bn="eval")
+    for key in (
+        "body.1.running_mean",
+        "body.1.running_var",
+        "body.4.running_mean",
+        "body.4.num_batches_tracked",
+    ):
+        assert torch.equal(before[key], model.state_dict()[key]), key
+
+
+def test_frozen_bn_train_lets_bn_affine_parameters_and_statistics_train():
+    model = _tiny_classifier()
+    freeze_to(model, -1, frozen_bn="train")
+    before = _snapshot(model)
+    _train_step(model, frozen_bn="train")
+    changed = _changed(before, model)
+    for key in ("body.1.weight", "body.1.bias", "body.4.weight", "body.4.bias", "body.1.running_mean"):
+        assert changed[key], key
+    for key in ("body.0.weight", "body.0.bias", "body.3.weight", "body.3.bias"):
+        assert not changed[key], key
+
+
+def test_bn_statistics_frozen_trains_bn_parameters_but_keeps_running_statistics():
+    model = _tiny_classifier()
+    unfreeze(model)
+    before = _snapshot(model)
+    _train_step(model, frozen_bn="eval", bn_statistics="frozen")
+    changed = _changed(before, model)
+    for key in ("body.0.weight", "body.1.weight", "body.1.bias", "body.4.weight"):
+        assert changed[key], key
+    for key in ("body.1.running_mean", "body.1.running_var", "body.4.running_var"):
+        assert not changed[key], key
+    assert changed["head.0.running_mean"]  # the head's BatchNorm is not part of the body: it still tracks

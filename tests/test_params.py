@@ -1,0 +1,156 @@
+"""Typed params: params.yaml loads whole; unknown keys, wrong types and out-of-range values are one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kagglecls.errors import UserError
+from kagglecls.params import (
+    FinetuneParams,
+    FitParams,
+    Params,
+    ParamsError,
+    load_params,
+    params_from_mapping,
+)
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _leaves(mapping: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value for every scalar or list in a nested mapping."""
+    leaves = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            leaves.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def _loaded_value(params: Params, dotted: str) -> object:
+    value = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(ParamsError) as caught:
+        params_from_mapping(raw)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_params_yaml_loads_every_key_with_its_value():
+    params = load_params(PARAMS_FILE)
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    leaves = _leaves(raw)
+    assert len(leaves) > 40
+    for dotted, value in leaves.items():
+        assert _loaded_value(params, dotted) == value, dotted
+
+
+def test_params_yaml_known_values():
+    params = load_params(PARAMS_FILE)
+    assert isinstance(params.finetune, FinetuneParams)
+    assert isinstance(params.train_head.lr_find.start_lr, float)
+    assert params.base.seed == 42
+    assert params.train_head.lr == "auto"
+    assert params.finetune.lr == 0.001
+    assert params.model.head_hidden == (512,)
+    assert params.model.head_dropout == (0.25, 0.5)
+
+
+def test_empty_mapping_gives_the_dataclass_defaults():
+    assert params_from_mapping({}) == Params()
+    assert params_from_mapping({"train_head": {"lr": 0.01}}).train_head == FitParams(lr=0.01)
+
+
+def test_params_errors_are_user_errors_and_value_errors():
+    assert issubclass(ParamsError, UserError)
+    assert issubclass(ParamsError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"train_head": {"lrr": 0.1}}, "train_head.lrr"),
+        ({"train_head": {"lr_find": {"start": 1e-5}}}, "train_head.lr_find.start"),
+        ({"bases": {"seed": 1}}, "bases"),
+    ],
+)
+def test_unknown_key_names_the_full_key(raw, key):
+    message = _error(raw)
+    assert "unknown key" in message
+    assert key in message
+
+
+def test_unknown_key_lists_the_allowed_keys():
+    message = _error({"predict_tta": {"naug": 2}})
+    assert "allowed: beta, n_aug, top_losses" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"base": {"seed": "x"}}, "base.seed: 'x' is not allowed; expected an integer"),
+        ({"base": {"batch_size": True}}, "base.batch_size: True is not allowed; expected an integer"),
+        ({"base": {"amp": "yes"}}, "base.amp: 'yes' is not allowed; expected true/false"),
+        ({"data": {"valid_pct": "0.2"}}, "data.valid_pct: '0.2' is not allowed; expected a number"),
+        ({"train_head": {"lr": "fast"}}, "train_head.lr: 'fast' is not allowed; expected a number or auto"),
+        ({"finetune": {"sizes": 64}}, "finetune.sizes: 64 is not allowed; expected a list"),
+        ({"base": []}, "base: expected a mapping, found []"),
+    ],
+)
+def test_wrong_type_names_key_value_and_type(raw, expected):
+    assert expected in _error(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"data": {"valid_pct": 1.5}}, "data.valid_pct: 1.5 is out of range; allowed: a fraction in (0, 1)"),
+        (
+            {"train_head": {"lr": -0.1}},
+            "train_head.lr: -0.1 is out of range; allowed: a positive number or auto",
+        ),
+        ({"train_head": {"cycle_mult": 0.5}}, "train_head.cycle_mult: 0.5 is out of range; allowed: >= 1"),
+        ({"base": {"image_size": 16}}, "base.image_size: 16 is out of range; allowed: >= 32"),
+        (
+            {"model": {"arch": "vgg16"}},
+            "model.arch: 'vgg16' is not allowed; expected one of efficientnet_lite0, resnet34, "
+            "resnext50_32x4d, resnext101_32x8d",
+        ),
+        (
+            {"train_augmented": {"augmentation": "spin"}},
+            "train_augmented.augmentation: 'spin' is not allowed; expected one of side_on, top_down, none",
+        ),
+        (
+            {"train_head": {"lr_find": {"start_lr": 0}}},
+            "train_head.lr_find.start_lr: 0.0 is out of range; allowed: > 0",
+        ),
+        ({"predict_tta": {"beta": 2}}, "predict_tta.beta: 2.0 is out of range; allowed: [0, 1]"),
+        (
+            {"model": {"head_hidden": [512, 256]}},
+            "model.head_dropout: [0.25, 0.5] is out of range; allowed: 3 values, one per linear layer",
+        ),
+    ],
+)
+def test_out_of_range_names_key_value_and_what_is_allowed(raw, expected):
+    assert expected in _error(raw)
+
+
+def test_load_params_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  image_size: 8\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: base\.image_size: 8 is out of range"):
+        load_params(path)
+    path.write_text("base: [unclosed\n")
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    path.write_text("")
+    assert load_params(path) == Params()
