@@ -345,6 +345,7 @@ def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size,
         size=size,
         batch_size=batch_size,
         context=context,
+        shard=True,
     )
     valid = image_loader(
         params,
@@ -355,5 +356,6 @@ def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size,
         shuffle=False,
         size=size,
         batch_size=params.precompute.batch_size,
+        context=context,
     )
     return train, valid

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kagglecls.data import (
@@ -76,8 +77,16 @@ def image_loader(
     size: int,
     batch_size: int,
     context: DistributedContext = SINGLE_PROCESS,
+    shard: bool = False,
     seed_offset: int = 0,
 ):  # noqa: ANN001, ANN201
+    """A loader over the split's pre-resized images; `shard` gives each torchrun rank its own part of them.
+
+    Under torchrun every rank must call this in the same order: rank 0 builds missing cache files while the
+    others wait, so no two processes write the same file.
+    """
+    if context.enabled and not context.is_main:
+        dist.barrier()
     files = resized_files(
         split.rows,
         root=reorganised,
@@ -85,6 +94,8 @@ def image_loader(
         short_side=cache_short_side(size, params.data.resize_factor),
         workers=max(1, params.base.num_workers),
     )
+    if context.enabled and context.is_main:
+        dist.barrier()
     dataset = ImageDataset(files, split.labels, transform)
     return make_loader(
         dataset,
@@ -93,8 +104,8 @@ def image_loader(
         seed=params.base.seed + seed_offset,
         num_workers=params.base.num_workers,
         drop_last=shuffle and len(dataset) > batch_size,
-        rank=context.rank,
-        world_size=context.world_size,
+        rank=context.rank if shard else 0,
+        world_size=context.world_size if shard else 1,
         pin_memory=torch.cuda.is_available(),
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +72,30 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int) ->
     rows = _place_training_images(found, by_path, temporary, valid_pct=data.valid_pct, seed=params.base.seed)
     rows += _place_test_images(found, by_path, temporary)
     write_manifest(rows, temporary / "manifest.csv")
-    images.write_bad_image_report(bad, temporary / "bad_images.csv")
+    # Paths relative to data/raw, so the outputs' hashes do not depend on where the project sits.
+    raw_root = raw_dir.resolve()
+    images.write_bad_image_report(
+        [
+            replace(check, path=check.path.relative_to(raw_root), error=_relative(check.error, raw_root))
+            for check in bad
+        ],
+        temporary / "bad_images.csv",
+    )
     counts = {name: sum(row.label == name for row in rows if row.split == "train") for name in found.classes}
     total = sum(counts.values())
     info = ClassInfo(
-        list(found.classes), [counts[name] / total for name in found.classes], list(found.warnings)
+        list(found.classes),
+        [counts[name] / total for name in found.classes],
+        [_relative(warning, raw_root) for warning in found.warnings],
     )
     plots.write_json(asdict(info), temporary / "classes.json")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(temporary, out_dir)
     log.info("reorganise: %d images (%d unreadable) into %s", len(rows), len(bad), out_dir)
+
+
+def _relative(text: str | None, root: Path) -> str | None:
+    return None if text is None else text.replace(f"{root}{os.sep}", "")
 
 
 def _stop_if_too_many_bad(found, by_path, max_bad_fraction: float) -> None:  # noqa: ANN001

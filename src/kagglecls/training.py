@@ -362,6 +362,9 @@ def lr_find(
 def _sweep(model, optimizer, loader, start_lr, end_lr, num_steps, settings, smoothing, divergence):  # noqa: ANN001, ANN202, PLR0913
     settings.train_mode(model)
     loss_function = nn.CrossEntropyLoss()
+    # Under DDP every rank must see the same curve, or ranks stop at different steps (a hang) and suggest
+    # different lrs (replicas that drift apart).
+    synchronised = isinstance(model, nn.parallel.DistributedDataParallel)
     average, best = 0.0, math.inf
     lrs, losses = [], []
     peak = [group["initial_lr"] for group in optimizer.param_groups]
@@ -377,7 +380,7 @@ def _sweep(model, optimizer, loader, start_lr, end_lr, num_steps, settings, smoo
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()
+            value = _mean_over_ranks(loss) if synchronised else loss.item()
             average = smoothing * average + (1 - smoothing) * value
             smoothed = average / (1 - smoothing ** (step + 1))
             lrs.append(lr)
@@ -387,6 +390,12 @@ def _sweep(model, optimizer, loader, start_lr, end_lr, num_steps, settings, smoo
             if step >= num_steps or not math.isfinite(smoothed) or smoothed > divergence * best:
                 return lrs, losses
     return lrs, losses
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> float:
+    total = loss.detach().to(torch.float64, copy=True)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
 
 
 def _clone_state(state: object) -> object:
