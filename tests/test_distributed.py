@@ -234,8 +234,8 @@ def distributed_finetune(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     output = run(["dvc", "repro", "train_augmented"], root)
     assert stages_run(output) == ["download", "reorganise", "precompute", "train_head", "train_augmented"]
     command = shlex.split(yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"])
-    assert command[0] == "python"
-    return root, run([*TORCHRUN, *command[1:]], root)
+    assert command[:2] == ["PYTHONPATH=src", "python"]
+    return root, run([*TORCHRUN, *command[2:]], root)
 
 
 @pytest.mark.slow
