@@ -123,9 +123,15 @@ def test_description_marks_a_dirty_checkout_and_skips_what_is_unknown(project):
 @pytest.mark.parametrize(
     ("submission", "message"),
     [
-        ("id,boston_bull,pug\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,0.4\n", "column 3 is 'pug' where the sample has 'dingo'"),
+        (
+            "id,boston_bull,pug\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,0.4\n",
+            "column 3 is 'pug' where the sample has 'dingo'",
+        ),
         ("id,boston_bull\na1,0.9\nb2,0.2\nc3,0.6\n", "column 3 is nothing where the sample has 'dingo'"),
-        ("id,boston_bull,dingo\nb2,0.2,0.8\na1,0.9,0.1\nc3,0.6,0.4\n", "row 1 is id 'b2' where the sample has id 'a1'"),
+        (
+            "id,boston_bull,dingo\nb2,0.2,0.8\na1,0.9,0.1\nc3,0.6,0.4\n",
+            "row 1 is id 'b2' where the sample has id 'a1'",
+        ),
         ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\n", "row 3 is missing where the sample has id 'c3'"),
         (
             "id,boston_bull,dingo\na1,0.9,0.1\nb2,nan,0.8\nc3,0.6,0.4\n",
@@ -135,7 +141,10 @@ def test_description_marks_a_dirty_checkout_and_skips_what_is_unknown(project):
             "id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2,0.8\nc3,0.6,inf\n",
             "row 3 (id 'c3'): column 'dingo' is inf, expected a finite",
         ),
-        ("id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2\nc3,0.6,0.4\n", "row 2 (id 'b2'): column 'dingo' is '', expected a finite"),
+        (
+            "id,boston_bull,dingo\na1,0.9,0.1\nb2,0.2\nc3,0.6,0.4\n",
+            "row 2 (id 'b2'): column 'dingo' is '', expected a finite",
+        ),
     ],
 )
 def test_validate_names_what_is_wrong(tmp_path, submission, message):
