@@ -6,7 +6,7 @@ Run by DVC: `python stages/submission.py --raw data/raw --reorganised data/reorg
 
 from pathlib import Path
 
-from kagglecls import predict
+from kagglecls import assemble
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
-        predict.make_submission(
+        assemble.make_submission(
             params=params,
             raw_dir=arguments.raw,
             reorganised=arguments.reorganised,

@@ -16,7 +16,7 @@ import numpy as np
 
 from kagglecls import competition as competition_module
 from kagglecls import images, plots
-from kagglecls.data import (
+from kagglecls.manifest import (
     ClassInfo,
     DataError,
     ManifestRow,

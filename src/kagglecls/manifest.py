@@ -1,0 +1,91 @@
+"""The manifest the stages share, the class list and the train/valid split. Imports no torch, so the stages
+that only move files (download, reorganise, size_histogram, submission) start fast."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kagglecls.errors import UserError
+
+MANIFEST_COLUMNS = ("file", "label", "split", "id", "md5", "width", "height")
+
+
+class DataError(UserError, ValueError):
+    """Inputs the pipeline cannot use: one line naming the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    file: str  # relative to the manifest's folder; empty for a test id without a readable image
+    label: str  # empty for test rows
+    split: str  # train | valid | test
+    id: str
+    md5: str
+    width: int  # px, 0 when there is no readable image
+    height: int
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+            raise DataError(
+                f"{path}: expected columns {','.join(MANIFEST_COLUMNS)}, found {reader.fieldnames}"
+            )
+        return [
+            ManifestRow(**{**row, "width": int(row["width"] or 0), "height": int(row["height"] or 0)})
+            for row in reader
+        ]
+
+
+def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows([getattr(row, column) for column in MANIFEST_COLUMNS] for row in rows)
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    classes: list[str]
+    prior: list[float]  # training-set frequency of each class
+    warnings: list[str]
+
+
+def read_class_info(reorganised: Path) -> ClassInfo:
+    return ClassInfo(**json.loads((reorganised / "classes.json").read_text()))
+
+
+def stratified_split(labels: Sequence[str], *, valid_pct: float, seed: int) -> list[str]:
+    """'train' or 'valid' per item: round(valid_pct x n) of each class to valid, at least one, never all."""
+    generator = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    splits = ["train"] * len(labels)
+    for label in sorted(by_class):
+        indices = by_class[label]
+        if len(indices) < 2:
+            raise DataError(f"class {label!r} has {len(indices)} image; at least 2 are needed to split")
+        generator.shuffle(indices)
+        n_valid = min(max(1, round(valid_pct * len(indices))), len(indices) - 1)
+        for index in indices[:n_valid]:
+            splits[index] = "valid"
+    return splits
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
