@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -33,6 +32,7 @@ import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from kagglecls.atomic import replace_folder
 from kagglecls.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def build_sample_competition(
         for class_name in sorted(classes):
             sample[class_name] = 1.0 / n_classes  # uniform, as Kaggle's own sample submissions are
         sample.to_csv(work / "sample_submission.csv", index=False, lineterminator="\n")
-        _replace_folder(work, dest)
+        replace_folder(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -184,17 +184,6 @@ def _render_digit(pixels: np.ndarray, *, image_size: int, rng: np.random.Generat
     noise = rng.normal(0, 3, size=(image_size, image_size, 3))
     rgb = (paper + shade) * (1 - ink_share) + ink * ink_share + noise
     return Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8), mode="RGB")
-
-
-def _replace_folder(source: Path, dest: Path) -> None:
-    """Move `source` to `dest`; an existing `dest` is moved aside first and deleted after."""
-    if not dest.exists():
-        os.replace(source, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, old / dest.name)
-    os.replace(source, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ change of images, arch or size reruns precompute: no cache of our own that could
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kagglecls import plots
+from kagglecls.atomic import building_folder
 from kagglecls.data import EvalPreset
 from kagglecls.loading import (
     build_model,
@@ -132,37 +132,33 @@ def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: P
     model = to_device(build_model(params, len(classes), pretrained=params.model.pretrained), settings)
     size = params.base.image_size
     transform = EvalPreset(size=size, normalisation=normalisation_for(params.model.arch))
-    temporary = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for name, split in splits.items():
-        if not split.rows:
-            continue
-        loader = image_loader(
-            params,
-            reorganised,
-            cache_dir,
-            split,
-            transform=transform,
-            shuffle=False,
-            size=size,
-            batch_size=params.precompute.batch_size,
+    with building_folder(out_dir) as temporary:
+        for name, split in splits.items():
+            if not split.rows:
+                continue
+            loader = image_loader(
+                params,
+                reorganised,
+                cache_dir,
+                split,
+                transform=transform,
+                shuffle=False,
+                size=size,
+                batch_size=params.precompute.batch_size,
+            )
+            write_features(
+                model,
+                loader,
+                n_items=len(split.rows),
+                path=temporary / f"{name}.npy",
+                settings=settings,
+                description=f"precompute {name}",
+            )
+        plots.write_json(
+            {
+                "arch": params.model.arch,
+                "image_size": size,
+                "rows": {name: len(split.rows) for name, split in splits.items()},
+            },
+            temporary / "meta.json",
         )
-        write_features(
-            model,
-            loader,
-            n_items=len(split.rows),
-            path=temporary / f"{name}.npy",
-            settings=settings,
-            description=f"precompute {name}",
-        )
-    plots.write_json(
-        {
-            "arch": params.model.arch,
-            "image_size": size,
-            "rows": {name: len(split.rows) for name, split in splits.items()},
-        },
-        temporary / "meta.json",
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(temporary, out_dir)

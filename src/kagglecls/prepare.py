@@ -16,6 +16,7 @@ import numpy as np
 
 from kagglecls import competition as competition_module
 from kagglecls import images, plots
+from kagglecls.atomic import building_folder
 from kagglecls.manifest import (
     ClassInfo,
     DataError,
@@ -66,31 +67,31 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int) ->
     by_path = {check.path: check for check in checks}
     bad = [check for check in checks if check.error is not None]
     _stop_if_too_many_bad(found, by_path, data.max_bad_fraction)
-    temporary = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    rows = _place_training_images(found, by_path, temporary, valid_pct=data.valid_pct, seed=params.base.seed)
-    rows += _place_test_images(found, by_path, temporary)
-    write_manifest(rows, temporary / "manifest.csv")
-    # Paths relative to data/raw, so the outputs' hashes do not depend on where the project sits.
-    raw_root = raw_dir.resolve()
-    images.write_bad_image_report(
-        [
-            replace(check, path=check.path.relative_to(raw_root), error=_relative(check.error, raw_root))
-            for check in bad
-        ],
-        temporary / "bad_images.csv",
-    )
-    counts = {name: sum(row.label == name for row in rows if row.split == "train") for name in found.classes}
-    total = sum(counts.values())
-    info = ClassInfo(
-        list(found.classes),
-        [counts[name] / total for name in found.classes],
-        [_relative(warning, raw_root) for warning in found.warnings],
-    )
-    plots.write_json(asdict(info), temporary / "classes.json")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(temporary, out_dir)
+    with building_folder(out_dir) as temporary:
+        rows = _place_training_images(
+            found, by_path, temporary, valid_pct=data.valid_pct, seed=params.base.seed
+        )
+        rows += _place_test_images(found, by_path, temporary)
+        write_manifest(rows, temporary / "manifest.csv")
+        # Paths relative to data/raw, so the outputs' hashes do not depend on where the project sits.
+        raw_root = raw_dir.resolve()
+        images.write_bad_image_report(
+            [
+                replace(check, path=check.path.relative_to(raw_root), error=_relative(check.error, raw_root))
+                for check in bad
+            ],
+            temporary / "bad_images.csv",
+        )
+        counts = {
+            name: sum(row.label == name for row in rows if row.split == "train") for name in found.classes
+        }
+        total = sum(counts.values())
+        info = ClassInfo(
+            list(found.classes),
+            [counts[name] / total for name in found.classes],
+            [_relative(warning, raw_root) for warning in found.warnings],
+        )
+        plots.write_json(asdict(info), temporary / "classes.json")
     log.info("reorganise: %d images (%d unreadable) into %s", len(rows), len(bad), out_dir)
 
 
