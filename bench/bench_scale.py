@@ -80,6 +80,7 @@ def step_commands(work: Path, raw: Path, params: Path) -> dict[str, list[str | P
 def build_cache(*, reorganised: Path, cache: Path, params_path: Path) -> None:
     """The pre-resized cache of every split at the precompute size, as kagglecls.loading.image_loader makes it."""
     from kagglecls.data import cache_short_side, resized_files
+    from kagglecls.images import image_workers
     from kagglecls.loading import load_splits
     from kagglecls.params import load_params
 
@@ -93,7 +94,7 @@ def build_cache(*, reorganised: Path, cache: Path, params_path: Path) -> None:
             root=reorganised,
             cache_dir=cache,
             short_side=short_side,
-            workers=max(1, params.base.num_workers),
+            workers=image_workers(),
         )
 
 

@@ -15,8 +15,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
-        workers = max(1, params.base.num_workers)
-        prepare.reorganise(params=params, raw_dir=arguments.raw, out_dir=arguments.out, workers=workers)
+        prepare.reorganise(params=params, raw_dir=arguments.raw, out_dir=arguments.out)
 
     run_stage("reorganise", body, parser)
 

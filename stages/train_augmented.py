@@ -1,7 +1,7 @@
 """Stage train_augmented: the head trained on augmented images through the frozen body, SGDR with cycle_len.
 
 Run by DVC: `python stages/train_augmented.py --reorganised data/reorganised --cache data/cache
---head models/head.pt --model models/augmented.pt --metrics metrics/train_augmented.json
+--features data/features --head models/head.pt --model models/augmented.pt --metrics metrics/train_augmented.json
 --plots plots/train_augmented`. Runs under `torchrun --nproc_per_node N` too.
 """
 
@@ -15,6 +15,7 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--reorganised", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--features", type=Path, required=True)
     parser.add_argument("--head", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
@@ -28,6 +29,7 @@ def main() -> None:
             params=params,
             reorganised=arguments.reorganised,
             cache_dir=arguments.cache,
+            features_dir=arguments.features,
             head_path=arguments.head,
             outputs=outputs,
         )

@@ -17,6 +17,7 @@ from kagglecls.data import (
     Normalisation,
     SeededSampler,
     TrainPreset,
+    TtaViews,
     cache_short_side,
     file_md5,
     make_loader,
@@ -136,26 +137,100 @@ def test_eval_preset_scales_crops_and_normalises():
 @pytest.mark.parametrize("augmentation", ["side_on", "top_down", "none"])
 def test_train_preset_shapes(augmentation):
     preset = TrainPreset(size=32, augmentation=augmentation, max_zoom=1.1, normalisation=LITE)
-    for width, height in [(60, 45), (45, 60), (32, 32), (20, 30)]:
-        assert preset(_noise_image(width, height)).shape == (3, 32, 32)
+    rng = np.random.default_rng(0)
+    for width, height in [(60, 45), (45, 60), (32, 32), (20, 30), (400, 300)]:
+        tensor = preset(_noise_image(width, height), rng)
+        assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+        assert -1.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
 
 
 @pytest.mark.parametrize("augmentation", ["side_on", "top_down"])
-def test_train_preset_is_deterministic_under_a_torch_seed(augmentation):
+def test_train_preset_is_deterministic_under_its_rng(augmentation):
     preset = TrainPreset(size=32, augmentation=augmentation, max_zoom=1.1, normalisation=LITE)
     image = _noise_image(60, 45)
-    outputs = []
-    for seed in (0, 0, 1):
-        torch.manual_seed(seed)
-        outputs.append(preset(image))
+    outputs = [preset(image, np.random.default_rng(seed)) for seed in (0, 0, 1)]
     assert torch.equal(outputs[0], outputs[1])
     assert not torch.equal(outputs[0], outputs[2])
 
 
 def test_train_preset_none_is_the_eval_preset():
     image = _noise_image(60, 45)
-    plain = TrainPreset(size=32, augmentation="none", max_zoom=1.1, normalisation=LITE)(image)
-    assert torch.equal(plain, EvalPreset(size=32, normalisation=LITE)(image))
+    plain = TrainPreset(size=32, augmentation="none", max_zoom=1.1, normalisation=LITE)
+    assert torch.equal(plain(image, np.random.default_rng(0)), EvalPreset(size=32, normalisation=LITE)(image))
+
+
+def _train_preset_map(augmentation, seed, *, max_zoom=1.0):
+    """Where the preset sends each pixel: a source whose pixel values encode their own coordinates."""
+    preset = TrainPreset(size=32, augmentation=augmentation, max_zoom=max_zoom, normalisation=LITE)
+    return preset._output_to_source((32, 32), np.random.default_rng(seed))
+
+
+def test_train_preset_geometry_is_a_flip_rotation_zoom_and_crop():
+    # With max_zoom 1 on a square source of the output size there is no room to crop or zoom: the map is a
+    # rotation about the centre (at most 10 degrees) and maybe a horizontal flip, so it keeps lengths.
+    corners = np.array([[0, 32, 0, 32], [0, 0, 32, 32], [1, 1, 1, 1]], dtype=float)
+    angles = []
+    for seed in range(200):
+        matrix = _train_preset_map("side_on", seed)
+        linear = matrix[:2, :2]
+        assert np.allclose(linear @ linear.T, np.eye(2))  # orthogonal: no zoom
+        assert np.allclose(matrix @ [16, 16, 1], [16, 16, 1])  # the centre stays put
+        flipped = np.linalg.det(linear) < 0
+        rotation = linear @ np.diag([-1, 1]) if flipped else linear
+        angles.append(np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0])))
+        assert (matrix @ corners).shape == (3, 4)
+    angles = np.array(angles)
+    assert np.abs(angles).max() <= 10.0 + 1e-9
+    assert 0.6 < np.mean(angles != 0) < 0.9  # rotated with p = 0.75
+    assert (
+        0.35
+        < np.mean([np.linalg.det(_train_preset_map("side_on", seed)[:2, :2]) < 0 for seed in range(200)])
+        < 0.65
+    )
+
+
+def test_train_preset_zoom_stays_within_max_zoom():
+    preset = TrainPreset(size=32, augmentation="side_on", max_zoom=1.5, normalisation=LITE)
+    scales = []
+    for seed in range(100):
+        matrix = preset._output_to_source((64, 48), np.random.default_rng(seed))
+        scale = np.sqrt(abs(np.linalg.det(matrix[:2, :2])))  # source pixels per output pixel
+        scales.append(scale)
+        centre = matrix @ [16, 16, 1]
+        assert 0 <= centre[0] <= 64 and 0 <= centre[1] <= 48
+    # The shorter side (48) maps to between 32 and 32 x 1.5 output pixels.
+    assert min(scales) >= 48 / 48 - 1e-9 and max(scales) <= 48 / 32 + 1e-9
+    assert max(scales) - min(scales) > 0.2
+
+
+def test_top_down_preset_reaches_the_whole_dihedral_group():
+    seen = set()
+    for seed in range(200):
+        linear = _train_preset_map("top_down", seed)[:2, :2]
+        seen.add(tuple(np.sign(np.round(linear, 0)).astype(int).ravel()))  # rotation <= 10 deg rounds away
+    assert len(seen) == 8
+
+
+def test_train_preset_flip_mirrors_the_pixels():
+    # A left-to-right ramp: flipped outputs decrease along x, unflipped ones increase.
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[None, :, None], (48, 1, 3)))
+    preset = TrainPreset(size=32, augmentation="side_on", max_zoom=1.1, normalisation=LITE)
+    directions = {
+        bool(preset(ramp, np.random.default_rng(seed))[0, 16, 4:28].diff().mean() < 0) for seed in range(20)
+    }
+    assert directions == {True, False}
+
+
+def test_tta_views_are_the_plain_view_then_augmented_ones():
+    image = _noise_image(60, 45)
+    plain = EvalPreset(size=32, normalisation=LITE)
+    augmented = TrainPreset(size=32, augmentation="side_on", max_zoom=1.1, normalisation=LITE)
+    views = TtaViews(plain=plain, augmented=augmented, n_aug=3)(image, np.random.default_rng(5))
+    assert views.shape == (4, 3, 32, 32)
+    assert torch.equal(views[0], plain(image))
+    rng = np.random.default_rng(5)
+    assert all(torch.equal(views[index], augmented(image, rng)) for index in (1, 2, 3))
+    assert not torch.equal(views[1], views[2])
 
 
 def test_train_preset_unknown_augmentation():
@@ -180,6 +255,27 @@ def test_image_dataset_and_loader_are_seeded_per_item(tmp_path):
     assert [labels for _images, labels in first] == [labels for _images, labels in second]
     assert all(torch.equal(one, other) for (one, _), (other, _) in zip(first, second, strict=True))
     assert sorted(label for _images, labels in first for label in labels) == [0, 1, 2]
+
+
+def test_loader_batches_and_global_rng_do_not_depend_on_workers(tmp_path):
+    # Dropout draws from torch's global RNG: iterating a loader must not draw from it, or a run with loader
+    # workers (persistent: one draw) would differ from one without (a draw every epoch) from epoch 2 on.
+    rows = _image_rows(tmp_path, [(40, 30), (30, 40), (36, 36), (50, 40)])
+    preset = TrainPreset(size=24, augmentation="side_on", max_zoom=1.1, normalisation=LITE)
+    dataset = ImageDataset([tmp_path / row.file for row in rows], [0, 1, 2, 0], preset)
+    runs = []
+    for workers in (0, 1):
+        torch.manual_seed(0)
+        loader = make_loader(dataset, batch_size=2, shuffle=True, seed=4, num_workers=workers)
+        batches = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            batches += [images.clone() for images, _labels in loader]
+        runs.append((batches, torch.rand(3)))
+    torch.manual_seed(0)
+    untouched = torch.rand(3)
+    assert all(torch.equal(one, other) for one, other in zip(runs[0][0], runs[1][0], strict=True))
+    assert torch.equal(runs[0][1], untouched) and torch.equal(runs[1][1], untouched)
 
 
 def test_unlabelled_dataset_gives_minus_one(tmp_path):

@@ -188,3 +188,28 @@ def test_bn_statistics_frozen_trains_bn_parameters_but_keeps_running_statistics(
     for key in ("body.1.running_mean", "body.1.running_var", "body.4.running_var"):
         assert not changed[key], key
     assert changed["head.0.running_mean"]  # the head's BatchNorm is not part of the body: it still tracks
+
+
+@pytest.mark.parametrize("size", [64, 65, 97])
+def test_lite0_symmetric_padding_computes_what_the_packages_same_padding_does(size):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from kagglecls.models import _lite0_weights_path, _symmetric_padding_where_same
+
+    state = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
+    original, swapped = (
+        EfficientNet.from_name("efficientnet-lite0"),
+        EfficientNet.from_name("efficientnet-lite0"),
+    )
+    original.load_state_dict(state)
+    swapped.load_state_dict(state)
+    _symmetric_padding_where_same(swapped)
+    names = [type(module).__name__ for module in swapped.modules()]
+    assert names.count("Conv2dStaticSamePadding") == 5  # the stride-2 convs keep their asymmetric padding
+    assert list(swapped.state_dict()) == list(original.state_dict())
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        expected = original.eval().extract_features(images)
+        got = swapped.eval().extract_features(images)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -21,6 +21,7 @@ from kagglecls.training import (
     log_loss,
     lr_find,
     make_optimizer,
+    predict_probabilities,
     save_checkpoint,
     suggest_lr,
     suggest_minimum,
@@ -129,6 +130,19 @@ def test_evaluate_matches_the_metrics_of_the_softmax():
 
 
 # ---------------------------------------------------------------- one epoch
+
+
+def test_predict_probabilities_of_several_views_per_item():
+    model = _tiny_model().eval()
+    inputs, targets = _tensors(10, seed=3)
+    views = torch.stack([inputs, inputs.flip(-1), inputs * 0.5], dim=1)  # (items, views, features...)
+    loader = DataLoader(TensorDataset(views, targets), batch_size=4)
+    probabilities, got_targets = predict_probabilities(model, loader, settings=CPU, views=True)
+    assert probabilities.shape == (10, 3, N_CLASSES) and got_targets.tolist() == targets.tolist()
+    for view in range(3):
+        one_view = DataLoader(TensorDataset(views[:, view], targets), batch_size=4)
+        expected, _ = predict_probabilities(model, one_view, settings=CPU)
+        np.testing.assert_allclose(probabilities[:, view], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_train_one_epoch_sets_each_groups_lr_from_the_schedule():

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
-from kagglecls.images import load_rgb, write_resized_cache
+from kagglecls.images import RESAMPLE, load_rgb, write_resized_cache
 from kagglecls.manifest import (  # noqa: F401 - re-exported: data is where loaders look for them
     MANIFEST_COLUMNS,
     ClassInfo,
@@ -31,6 +30,7 @@ from kagglecls.manifest import (  # noqa: F401 - re-exported: data is where load
 
 # Bump when the way cached images are made changes, so old caches are never read for new ones.
 CACHE_VERSION = "v1"
+_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as PIL's convert("L")
 
 
 def cache_short_side(image_size: int, resize_factor: float) -> int:
@@ -67,59 +67,128 @@ class Normalisation:
 
 
 class EvalPreset:
-    """Scale the shorter side to `size`, centre crop a square of `size`, normalise."""
+    """Scale the shorter side to `size`, centre crop a square of `size`, normalise: one antialiased resize of
+    the centre square. Takes the same (image, rng) as TrainPreset and ignores the rng."""
 
     def __init__(self, *, size: int, normalisation: Normalisation) -> None:
-        self.transform = v2.Compose(
-            [v2.Resize(size, antialias=True), v2.CenterCrop(size), *_to_normalised_tensor(normalisation)]
-        )
+        self.size, self.normalisation = size, normalisation
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        square = image.resize(
+            (self.size, self.size), RESAMPLE, box=(left, top, left + side, top + side), reducing_gap=3.0
+        )
+        return _normalised_tensor(square, self.normalisation)
 
 
 class TrainPreset:
-    """fastai's transforms: zoom (shorter side to [size, size x max_zoom]), rotate 10 deg (p=0.75), random crop,
-    flip, lighting; `top_down` adds the dihedral group (vertical flips and 90 degree turns)."""
+    """fastai's transforms: zoom (shorter side to [size, size x max_zoom]), rotate up to 10 deg (p=0.75),
+    random crop, flip, lighting; `top_down` adds the dihedral group (vertical flips and transposes).
+
+    Zoom, rotation, crop and flips are one affine map from output to source pixels, so each image is
+    resampled once, straight to `size` x `size`; lighting and normalisation are in-place numpy passes. Measured
+    at 64 px on this project's 2-core CPU: 0.34 ms an image against 0.66 ms for the same steps as torchvision
+    v2 transforms, and importing torchvision (1.8 s a process) is no longer needed. Randomness comes only from
+    the `rng` passed in, one per item.
+    """
 
     def __init__(
         self, *, size: int, augmentation: str, max_zoom: float, normalisation: Normalisation
     ) -> None:
-        if augmentation == "none":
-            steps: list[v2.Transform] = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        elif augmentation in ("side_on", "top_down"):
-            steps = [
-                v2.RandomResize(size, max(size + 1, round(size * max_zoom) + 1), antialias=True),
-                v2.RandomApply([v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR)], p=0.75),
-                v2.RandomCrop(size),
-                v2.RandomHorizontalFlip(),
-            ]
-            if augmentation == "top_down":
-                steps += [v2.RandomVerticalFlip(), v2.RandomChoice([v2.Identity(), _Transpose()])]
-            steps.append(v2.ColorJitter(brightness=0.05, contrast=0.05))
-        else:
+        if augmentation not in ("side_on", "top_down", "none"):
             raise DataError(f"augmentation {augmentation!r}: expected side_on, top_down or none")
-        self.transform = v2.Compose([*steps, *_to_normalised_tensor(normalisation)])
+        if max_zoom < 1:
+            raise DataError(f"max_zoom {max_zoom}: expected a number >= 1")
+        self.size, self.augmentation, self.max_zoom = size, augmentation, max_zoom
+        self.normalisation = normalisation
+        self._plain = EvalPreset(size=size, normalisation=normalisation)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        if self.augmentation == "none":
+            return self._plain(image)
+        # A source far bigger than needed is first box-shrunk by an integer factor: the affine resampling
+        # below has no antialiasing, which is harmless only for shrinks under about 2x.
+        factor = int(min(image.size) / (self.size * self.max_zoom) / 1.5)
+        if factor >= 2:
+            image = image.reduce(factor)
+        matrix = self._output_to_source(image.size, rng)
+        warped = image.transform(
+            (self.size, self.size),
+            Image.Transform.AFFINE,
+            tuple(matrix[:2].ravel()),
+            resample=Image.Resampling.BILINEAR,
+            fillcolor=(0, 0, 0),
+        )
+        return _normalised_tensor(warped, self.normalisation, rng=rng)
+
+    def _output_to_source(self, source_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """3x3 matrix taking output pixel coordinates (continuous, corners at integers) to source ones."""
+        width, height = source_size
+        size = self.size
+        scale = size * rng.uniform(1.0, self.max_zoom) / min(width, height)  # resized = source x scale
+        resized_width, resized_height = width * scale, height * scale
+        angle = np.deg2rad(rng.uniform(-10.0, 10.0)) if rng.random() < 0.75 else 0.0
+        crop_x, crop_y = rng.uniform(0, resized_width - size), rng.uniform(0, resized_height - size)
+        matrix = np.eye(3)
+        if self.augmentation == "top_down":
+            if rng.random() < 0.5:
+                matrix = _affine(0, 1, 0, 1, 0, 0) @ matrix  # transpose
+            if rng.random() < 0.5:
+                matrix = _affine(1, 0, 0, 0, -1, size) @ matrix  # vertical flip
+        if rng.random() < 0.5:
+            matrix = _affine(-1, 0, size, 0, 1, 0) @ matrix  # horizontal flip
+        matrix = _affine(1, 0, crop_x, 0, 1, crop_y) @ matrix
+        centre_x, centre_y = resized_width / 2, resized_height / 2
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotation = _affine(cos, -sin, 0, sin, cos, 0)
+        matrix = (
+            _affine(1, 0, centre_x, 0, 1, centre_y)
+            @ rotation
+            @ _affine(1, 0, -centre_x, 0, 1, -centre_y)
+            @ matrix
+        )
+        return _affine(1 / scale, 0, 0, 0, 1 / scale, 0) @ matrix
 
 
-class _Transpose(v2.Transform):
-    """Swap height and width: with the flips, every element of the dihedral group."""
+class TtaViews:
+    """The plain view and `n_aug` augmented views of one image, stacked as (1 + n_aug, C, H, W): TTA decodes
+    each image once and the model sees every view in the same batches."""
 
-    def transform(self, inpt, params):  # noqa: ANN001, ANN201 - torchvision's signature
-        if isinstance(inpt, Image.Image):
-            return inpt.transpose(Image.Transpose.TRANSPOSE)
-        return inpt.transpose(-1, -2)
+    def __init__(self, *, plain: EvalPreset, augmented: TrainPreset, n_aug: int) -> None:
+        self.plain, self.augmented, self.n_aug = plain, augmented, n_aug
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        views = [self.plain(image)] + [self.augmented(image, rng) for _ in range(self.n_aug)]
+        return torch.stack(views)
 
 
-def _to_normalised_tensor(normalisation: Normalisation) -> list[v2.Transform]:
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(normalisation.mean), std=list(normalisation.std)),
-    ]
+def _affine(a: float, b: float, c: float, d: float, e: float, f: float) -> np.ndarray:
+    """(x, y) -> (a x + b y + c, d x + e y + f) as a 3x3 matrix."""
+    return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
+
+
+def _normalised_tensor(
+    image: Image.Image, normalisation: Normalisation, *, rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """RGB image -> normalised float32 tensor (C, H, W); with `rng`, lighting first: brightness and contrast,
+    each by a factor in [0.95, 1.05]. In-place passes over one HWC array (about 30 us for 64 x 64 pixels);
+    the tensor is a (C, H, W) view of it, i.e. already in channels_last order."""
+    pixels = np.asarray(image, dtype=np.float32)  # H, W, C in 0..255
+    if rng is not None:
+        brightness, contrast = rng.uniform(0.95, 1.05, size=2)
+        pixels *= brightness
+        np.clip(pixels, 0.0, 255.0, out=pixels)
+        grey = float((pixels.reshape(-1, 3) @ _GREY_WEIGHTS).mean())
+        pixels -= grey
+        pixels *= contrast
+        pixels += grey
+        np.clip(pixels, 0.0, 255.0, out=pixels)
+    std = np.asarray(normalisation.std, dtype=np.float32)
+    pixels *= 1 / (255 * std)
+    pixels -= np.asarray(normalisation.mean, dtype=np.float32) / std
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 class ImageDataset(Dataset):
@@ -136,10 +205,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, sample_seed = key
         image = load_rgb(self.files[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            tensor = self.transform(image)
-        return tensor, self.labels[index]
+        return self.transform(image, np.random.default_rng(sample_seed)), self.labels[index]
 
 
 class SeededSampler(Sampler):
@@ -191,4 +257,8 @@ def make_loader(
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # The loader draws a seed for its workers at every new iterator (each epoch without persistent
+        # workers, once with them); drawn from its own generator, the global RNG that dropout uses is
+        # untouched, so num_workers 0 and N give the same run. Augmentation is seeded per item instead.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -79,6 +79,12 @@ def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
     return _decode(Path(path), short_side=short_side, upscale=True)
 
 
+def image_workers() -> int:
+    """Processes for the image checks and the resized cache: every core this process may use (they run
+    alone, before any training)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_images(paths: Sequence[Path], *, workers: int = 2) -> list[ImageCheck]:
     """Fully decode every image (not just its header); one ImageCheck per path, in the order of `paths`."""
     return _map_in_workers(_check_one, [Path(path) for path in paths], workers=workers, description="check")

@@ -135,11 +135,47 @@ def _lite0_body(*, pretrained: bool, weights_file: str | None) -> tuple[nn.Modul
     # Its classifier is replaced by ours: drop it so it holds no parameters.
     network._fc = nn.Identity()
     network._dropout = nn.Identity()
+    _symmetric_padding_where_same(network)
     blocks = list(network._blocks)
     # Three groups like ResNet's: stem and the blocks up to 40 channels (stride 8), then the rest, then the head.
     early = [network._conv_stem, network._bn0, *blocks[:6]]
     late = [*blocks[6:], network._conv_head, network._bn1]
     return LiteBody(network), [early, late]
+
+
+_SAME_PADDING_CONVS = frozenset({"Conv2dStaticSamePadding", "Conv2dDynamicSamePadding"})
+
+
+def _symmetric_padding_where_same(network: nn.Module) -> None:
+    """Swap the stride-1 'SAME'-padded convolutions for plain ones padded by kernel // 2 inside the conv.
+
+    The package pads with a ZeroPad2d module before every such conv: a copy of the whole feature map
+    (measured: 6% of a training step at 64 px). At stride 1 with an odd kernel TensorFlow's SAME padding is
+    symmetric, so the plain conv computes exactly the same thing, at any image size; the stride-2 convs pad
+    asymmetrically and stay as they are.
+    Parameter names do not change, so saved weights load either way.
+    """
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            kernel = getattr(child, "kernel_size", (0, 0))
+            if (
+                type(child).__name__ not in _SAME_PADDING_CONVS
+                or tuple(child.stride) != (1, 1)
+                or tuple(child.dilation) != (1, 1)
+                or kernel[0] % 2 == 0
+                or kernel[1] % 2 == 0
+            ):
+                continue
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                kernel,
+                padding=(kernel[0] // 2, kernel[1] // 2),
+                groups=child.groups,
+                bias=child.bias is not None,
+            )
+            plain.weight, plain.bias = child.weight, child.bias
+            setattr(parent, name, plain)
 
 
 def _lite0_weights_path() -> Path:

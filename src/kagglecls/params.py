@@ -38,14 +38,19 @@ class BaseParams:
     device: str = "auto"
     image_size: int = 64
     batch_size: int = 64
-    num_workers: int = 1
+    num_workers: int | Literal["auto"] = "auto"
     amp: bool = True
     channels_last: bool = True
 
     def __post_init__(self) -> None:
         _check(self.image_size >= MIN_IMAGE_SIZE, "image_size", self.image_size, f">= {MIN_IMAGE_SIZE}")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(
+            self.num_workers == "auto" or self.num_workers >= 0,
+            "num_workers",
+            self.num_workers,
+            "auto or >= 0",
+        )
         allowed = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(allowed, "device", self.device, "auto, cpu, cuda or cuda:N")
 

@@ -7,13 +7,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def write_json(data: dict, path: Path) -> None:
@@ -33,16 +33,24 @@ def write_csv(rows: Sequence[dict], path: Path, *, columns: Sequence[str]) -> No
     os.replace(temporary, path)
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
+def _figure(**options: object) -> Figure:
+    """A matplotlib Figure without pyplot: no global state, no display backend, and matplotlib is imported
+    only by the stages that draw (pyplot alone costs about 0.3 s of each stage's start-up)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def _save(figure: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temporary, dpi=100, bbox_inches="tight")
-    plt.close(figure)
     os.replace(temporary, path)
 
 
 def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], *, suggested: float, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = _figure(figsize=(6, 4))
+    axes = figure.subplots()
     axes.plot(lrs, losses)
     axes.axvline(suggested, color="red", linestyle="--", label=f"suggested lr {suggested:.2e}")
     axes.set_xscale("log")
@@ -53,7 +61,8 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], *, suggested: fl
 
 
 def plot_size_histogram(widths: Sequence[int], heights: Sequence[int], *, path: Path) -> None:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = _figure(figsize=(10, 4))
+    left, right = figure.subplots(1, 2)
     left.hist(widths, bins=30)
     left.set_title("width (px)")
     right.hist(heights, bins=30)
@@ -63,7 +72,8 @@ def plot_size_histogram(widths: Sequence[int], heights: Sequence[int], *, path: 
 
 def plot_confusion(counts: np.ndarray, classes: Sequence[str], *, path: Path) -> None:
     size = max(4.0, 0.35 * len(classes) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
+    figure = _figure(figsize=(size, size))
+    axes = figure.subplots()
     axes.imshow(counts, cmap="Blues")
     ticks = np.arange(len(classes))
     axes.set_xticks(ticks, classes, rotation=90, fontsize=7)
@@ -83,7 +93,8 @@ def plot_image_grid(images: Sequence[Image.Image], titles: Sequence[str], *, pat
     """A grid of images with a title each (top losses: actual / predicted / probability / loss)."""
     columns = max(1, min(4, len(images)))
     rows = max(1, -(-len(images) // columns))
-    figure, axes_grid = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    figure = _figure(figsize=(3 * columns, 3.2 * rows))
+    axes_grid = figure.subplots(rows, columns, squeeze=False)
     for axes in axes_grid.flat:
         axes.axis("off")
     for axes, image, title in zip(axes_grid.flat, images, titles, strict=False):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kagglecls import images, inference, plots
-from kagglecls.data import EvalPreset, TrainPreset
+from kagglecls.data import EvalPreset, TrainPreset, TtaViews
 from kagglecls.loading import (
     image_loader,
     load_classifier,
@@ -78,37 +78,33 @@ def predict_tta(
 
 
 def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """(TTA probabilities, plain-pass probabilities) for the split's images, in its order."""
+    """(TTA probabilities, plain-pass probabilities) for the split's images, in its order: one pass over the
+    images, each decoded once into its plain view and n_aug augmented ones."""
     normalisation = normalisation_for(params.model.arch)
-    augmentation = params.finetune.augmentation
-
-    def predict(pass_index: int | None) -> np.ndarray:
-        if pass_index is None:
-            transform, offset = EvalPreset(size=size, normalisation=normalisation), 0
-        else:
-            transform = TrainPreset(
-                size=size,
-                augmentation=augmentation,
-                max_zoom=params.finetune.max_zoom,
-                normalisation=normalisation,
-            )
-            offset = 1000 + pass_index
-        loader = image_loader(
-            params,
-            reorganised,
-            cache_dir,
-            split,
-            transform=transform,
-            shuffle=False,
+    views = TtaViews(
+        plain=EvalPreset(size=size, normalisation=normalisation),
+        augmented=TrainPreset(
             size=size,
-            batch_size=params.precompute.batch_size,
-            seed_offset=offset,
-        )
-        probabilities, _ = predict_probabilities(model, loader, settings=settings, description="tta")
-        return probabilities
-
-    plain = predict(None)
-    augmented = [predict(pass_index) for pass_index in range(params.predict_tta.n_aug)]
+            augmentation=params.finetune.augmentation,
+            max_zoom=params.finetune.max_zoom,
+            normalisation=normalisation,
+        ),
+        n_aug=params.predict_tta.n_aug,
+    )
+    loader = image_loader(
+        params,
+        reorganised,
+        cache_dir,
+        split,
+        transform=views,
+        shuffle=False,
+        size=size,
+        # About precompute.batch_size images a forward pass, whatever the number of views.
+        batch_size=max(1, params.precompute.batch_size // (1 + params.predict_tta.n_aug)),
+        seed_offset=1000,
+    )
+    probabilities, _ = predict_probabilities(model, loader, settings=settings, description="tta", views=True)
+    plain, augmented = probabilities[:, 0], list(probabilities[:, 1:].transpose(1, 0, 2))
     return inference.combine_tta(plain, augmented, beta=params.predict_tta.beta), plain
 
 

@@ -51,7 +51,7 @@ def download(*, params: Params, dest: Path) -> None:
     log.info("download: competition in %s", dest)
 
 
-def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int) -> None:
+def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int | None = None) -> None:
     """Class folders train/<class>/, valid/<class>/ (stratified split), test/, a manifest and a bad-image report."""
     data = params.data
     found = competition_module.load_competition(
@@ -63,7 +63,9 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int) ->
     )
     for warning in found.warnings:
         log.warning("reorganise: %s", warning)
-    checks = images.check_images([*found.train_files, *[f for f in found.test_files if f]], workers=workers)
+    checks = images.check_images(
+        [*found.train_files, *[f for f in found.test_files if f]], workers=workers or images.image_workers()
+    )
     by_path = {check.path: check for check in checks}
     bad = [check for check in checks if check.error is not None]
     _stop_if_too_many_bad(found, by_path, data.max_bad_fraction)

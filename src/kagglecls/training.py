@@ -138,7 +138,9 @@ def make_optimizer(
         if params
     ]
     if kind == "adam":
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.99))
+        # The fused kernel, on CPU as on CUDA: measured 0.7 ms a step for the head against 7.6 ms for the
+        # default per-tensor loop, 4.4 ms against 15 ms for all of EfficientNet-Lite0.
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.99), fused=True)
     if kind == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"optimizer {kind!r}: expected adam or sgd")
@@ -181,15 +183,26 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: nn.Module, loader: Iterable, *, settings: StepSettings, description: str = "predict"
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    settings: StepSettings,
+    description: str = "predict",
+    views: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and targets for every item of `loader`, in its order."""
+    """Softmax probabilities and targets for every item of `loader`, in its order.
+
+    With `views`, each item is several inputs (batches of shape (items, views, ...), as TtaViews makes):
+    they go through the model together and the probabilities have shape (items, views, classes).
+    """
     model.eval()
     all_probabilities, all_targets = [], []
     for inputs, targets in tqdm(loader, desc=description, leave=False):
+        shape = inputs.shape[:2] if views else inputs.shape[:1]
         with settings.autocast():
-            logits = model(settings.move(inputs))
-        all_probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            logits = model(settings.move(inputs.flatten(0, len(shape) - 1)))
+        probabilities = torch.softmax(logits.float(), dim=1).reshape(*shape, -1)
+        all_probabilities.append(probabilities.cpu().numpy())
         all_targets.append(np.asarray(targets))
     return np.concatenate(all_probabilities), np.concatenate(all_targets)
 

@@ -1,0 +1,38 @@
+"""The PNG figures and the CSV/JSON files of kagglecls.plots."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from kagglecls import plots
+
+
+def _png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_each_figure_is_a_png_and_leaves_no_temporary(tmp_path):
+    lrs = list(np.geomspace(1e-5, 1.0, 50))
+    plots.plot_lr_find(lrs, [1.0 / (1 + lr) for lr in lrs], suggested=1e-3, path=tmp_path / "a" / "lr.png")
+    plots.plot_size_histogram([500, 400, 500], [375, 300, 375], path=tmp_path / "sizes.png")
+    counts = np.array([[5, 1], [0, 4]])
+    plots.plot_confusion(counts, ["cat", "dog"], path=tmp_path / "confusion.png")
+    pictures = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue", "white", "black")]
+    plots.plot_image_grid(pictures, [f"image {index}" for index in range(5)], path=tmp_path / "grid.png")
+    widths = {name: _png_size(tmp_path / name)[0] for name in ("sizes.png", "confusion.png", "grid.png")}
+    assert _png_size(tmp_path / "a" / "lr.png")[0] > 300
+    assert widths["sizes.png"] > widths["confusion.png"]  # 10 inches wide against 4
+    assert (
+        _png_size(tmp_path / "grid.png")[1] > _png_size(tmp_path / "confusion.png")[1]
+    )  # two rows of 3.2 in
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.name.startswith(".")) == []
+
+
+def test_json_and_csv_are_written_whole(tmp_path):
+    plots.write_json({"b": 2, "a": 1.5}, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": 2}
+    plots.write_csv([{"x": 1, "y": 2, "extra": 3}], tmp_path / "t.csv", columns=("x", "y"))
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["x,y", "1,2"]
