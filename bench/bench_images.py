@@ -8,7 +8,8 @@ and times, best of --repeats, each ratio taken against the baseline at the same 
      processes, pool start-up included (the issue's 3x target);
   4. decoding the cached 384 x 288 JPEGs with `load_rgb(p)`, what each training epoch does, in one process
      and (4b) in 2 worker processes (`check_images`, standing in for a data loader with 2 workers);
-  5. the baseline and the cache build at short side 166 (1.3 x 128), where JPEG draft mode applies.
+  5. the baseline and the cache build at short side 166 (1.3 x 128), where JPEG draft mode decodes at 1/2;
+  6. the same at short side 83 (1.3 x 64, the sample's default size), where it decodes at 1/4.
 CPU time (this process and its workers) is printed beside wall time: on a shared machine it is the figure
 that other work barely moves, and wall time on N idle cores is about N / (CPU seconds per image) when the
 work is spread over N workers. Then the speed and the mean absolute difference (grey levels, against a float Lanczos resize) of Pillow's
@@ -145,6 +146,8 @@ def loading_rows(
         (f"4b decode cached 384x288, {workers} workers", lambda: check_images(cached, workers=workers)),
         ("5  baseline open+convert+resize, short 166", plain_baseline(paths, short_side=166)),
         (f"5b write_resized_cache 166, {workers} workers", cache_build(paths, work / "cache166", short_side=166, workers=workers)),
+        ("6  baseline open+convert+resize, short 83", plain_baseline(paths, short_side=83)),
+        (f"6b write_resized_cache 83, {workers} workers", cache_build(paths, work / "cache83", short_side=83, workers=workers)),
     ]  # fmt: skip
     rows = []
     reference = (0.0, 0.0)
