@@ -154,3 +154,10 @@ def test_load_params_names_the_file(tmp_path):
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     path.write_text("")
     assert load_params(path) == Params()
+
+
+def test_num_workers_is_auto_or_a_count():
+    assert params_from_mapping({"base": {"num_workers": "auto"}}).base.num_workers == "auto"
+    assert params_from_mapping({"base": {"num_workers": 3}}).base.num_workers == 3
+    assert "base.num_workers: 'many' is not allowed" in _error({"base": {"num_workers": "many"}})
+    assert "base.num_workers" in _error({"base": {"num_workers": -1}})

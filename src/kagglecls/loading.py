@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +74,14 @@ def loader_workers(requested: int | str, *, device_type: str) -> int:
     On CPU the compute threads already use every core, and a worker competing with them costs more than
     the decoding it takes off them (measured on 2 cores at 64 px: 5.3 s an epoch with one worker, 4.9 s
     without; cached images decode in 0.5 ms, about 12% of a training step). A GPU waits for its batches,
-    so there every core but one decodes.
+    so there every core but one decodes, shared among the processes torchrun starts on the machine.
     """
     if requested != "auto":
         return int(requested)
     if device_type != "cuda":
         return 0
-    return max(1, min(8, images.image_workers() - 1))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    return max(1, min(8, images.image_workers() // max(1, processes) - 1))
 
 
 def image_loader(
