@@ -341,24 +341,19 @@ def _differential_optimizer(
         kind=fit_params.optimizer,
         weight_decay=fit_params.weight_decay,
     )
-    if sweep is None:
-        top_lr, _ = choose_lr(
-            fit_params,
-            model=trained,
-            optimizer=optimizer,
-            loader=loader,
-            settings=settings,
-            plot_path=plot_path,
-        )
-    else:  # only the head trains, so the optimizer holds just its parameters
-        top_lr, _ = choose_lr(
-            fit_params,
-            model=sweep.head,
-            optimizer=optimizer,
-            loader=sweep.loader,
-            settings=replace(settings, train_mode=nn.Module.train),  # the head alone: plain train mode
-            plot_path=plot_path,
-        )
+    sweep_model, sweep_loader, sweep_settings = trained, loader, settings
+    if sweep is not None:  # only the head trains, so the optimizer holds just its parameters
+        sweep_model, sweep_loader = sweep.head, sweep.loader
+        sweep_settings = replace(settings, train_mode=nn.Module.train)  # the head alone: plain train mode
+    top_lr, _ = choose_lr(
+        fit_params,
+        model=sweep_model,
+        optimizer=optimizer,
+        loader=sweep_loader,
+        settings=sweep_settings,
+        plot_path=plot_path,
+    )
+    if sweep is not None:
         # Every rank swept alone; the mean makes them agree even if a GPU kernel is not bit-deterministic.
         top_lr = reduce_sums([top_lr], context, settings.device)[0] / context.world_size
     all_lrs = differential_lrs(top_lr, n_groups=len(group_parameter_lists), ratio=lr_ratio)

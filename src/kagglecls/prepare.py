@@ -51,7 +51,7 @@ def download(*, params: Params, dest: Path) -> None:
     log.info("download: competition in %s", dest)
 
 
-def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int | None = None) -> None:
+def reorganise(*, params: Params, raw_dir: Path, out_dir: Path) -> None:
     """Class folders train/<class>/, valid/<class>/ (stratified split), test/, a manifest and a bad-image report."""
     data = params.data
     found = competition_module.load_competition(
@@ -64,7 +64,7 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path, workers: int | N
     for warning in found.warnings:
         log.warning("reorganise: %s", warning)
     checks = images.check_images(
-        [*found.train_files, *[f for f in found.test_files if f]], workers=workers or images.image_workers()
+        [*found.train_files, *[f for f in found.test_files if f]], workers=images.image_workers()
     )
     by_path = {check.path: check for check in checks}
     bad = [check for check in checks if check.error is not None]
