@@ -150,17 +150,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep data here (shared with bench_scale.py)"
     )
-    parser.add_argument(
-        "--max-wait", type=float, default=600, help="seconds to wait for a quiet machine per timing"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    common.add_shared_arguments(parser, wait_per="per timing")
     return parser.parse_args()
 
 
 def main() -> None:
     arguments = parse_arguments()
-    common.setup_logging()
-    common.report(f"machine: {common.machine_description()}")
+    common.start()
     with tempfile.TemporaryDirectory(prefix="bench_dvc_") as temporary:
         root = arguments.workdir or Path(temporary)
         results = [
@@ -174,8 +170,7 @@ def main() -> None:
             for scale in arguments.scales
         ]
     print_results(results)
-    if arguments.json is not None:
-        common.write_json({"machine": common.machine_description(), "results": results}, arguments.json)
+    common.save_results(results, arguments.json)
 
 
 if __name__ == "__main__":

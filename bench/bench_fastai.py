@@ -443,10 +443,7 @@ def parse_arguments() -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="params overrides for both sides, e.g. finetune.n_cycle=2 (VALUE read as YAML)",
     )
-    parser.add_argument(
-        "--max-wait", type=float, default=600, help="seconds to wait for a quiet machine before each side"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    common.add_shared_arguments(parser, wait_per="before each side")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -456,8 +453,7 @@ def main() -> None:
     if arguments.child is not None:
         fastai_child(arguments.child)
         return
-    common.setup_logging()
-    common.report(f"machine: {common.machine_description()}")
+    common.start()
     with tempfile.TemporaryDirectory(prefix="bench_fastai_") as temporary:
         root = arguments.workdir or Path(temporary)
         extra = common.parse_overrides(arguments.set)
@@ -466,8 +462,7 @@ def main() -> None:
             for name in arguments.competitions
         ]
     print_results(results)
-    if arguments.json is not None:
-        common.write_json({"machine": common.machine_description(), "results": results}, arguments.json)
+    common.save_results(results, arguments.json)
 
 
 if __name__ == "__main__":

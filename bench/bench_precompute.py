@@ -124,17 +124,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="loader and cache worker processes")
     parser.add_argument("--repeats", type=int, default=3, help="head epochs timed; the best is reported")
-    parser.add_argument(
-        "--max-wait", type=float, default=600, help="seconds to wait for a quiet machine per size"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    common.add_shared_arguments(parser, wait_per="per size")
     return parser.parse_args()
 
 
 def main() -> None:
     arguments = parse_arguments()
-    common.setup_logging()
-    common.report(f"machine: {common.machine_description()}")
+    common.start()
     with tempfile.TemporaryDirectory(prefix="bench_precompute_") as temporary:
         work = Path(temporary)
         build_sample_competition(
@@ -175,8 +171,7 @@ def main() -> None:
         common.report(
             f"size {result['image_size']}: ratio {result['ratio']:.0f}x; expectation (well over 10x): {met}"
         )
-    if arguments.json is not None:
-        common.write_json({"machine": common.machine_description(), "results": results}, arguments.json)
+    common.save_results(results, arguments.json)
 
 
 if __name__ == "__main__":

@@ -180,10 +180,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep data here (reused across runs of the same scale)"
     )
-    parser.add_argument(
-        "--max-wait", type=float, default=600, help="seconds to wait for a quiet machine per step"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    common.add_shared_arguments(parser, wait_per="per step")
     parser.add_argument("--cache-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reorganised", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -196,14 +193,12 @@ def main() -> None:
     if arguments.cache_only:
         build_cache(reorganised=arguments.reorganised, cache=arguments.cache, params_path=arguments.params)
         return
-    common.setup_logging()
-    common.report(f"machine: {common.machine_description()}")
+    common.start()
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as temporary:
         root = arguments.workdir or Path(temporary)
         results = [run_scale(scale, root=root, arguments=arguments) for scale in arguments.scales]
     print_results(results, image_size=arguments.image_size, workers=arguments.workers)
-    if arguments.json is not None:
-        common.write_json({"machine": common.machine_description(), "results": results}, arguments.json)
+    common.save_results(results, arguments.json)
 
 
 if __name__ == "__main__":

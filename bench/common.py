@@ -3,6 +3,7 @@ competitions, the fastai overlay venv and the printed tables. Not a test module:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -40,6 +41,26 @@ def report(text: str = "") -> None:
     """The one place benchmark figures go out: stdout, flushed (progress and messages go through logging)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, *, wait_per: str) -> None:
+    """--max-wait and --json, which every timed benchmark takes (run_all.py passes both)."""
+    parser.add_argument(
+        "--max-wait", type=float, default=600, help=f"seconds to wait for a quiet machine {wait_per}"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+
+
+def start() -> None:
+    """Logging set up and the machine named first in the report, as every benchmark begins."""
+    setup_logging()
+    report(f"machine: {machine_description()}")
+
+
+def save_results(results: Sequence[dict], path: Path | None) -> None:
+    """The figures, with the machine they were measured on, to --json's path when one was given."""
+    if path is not None:
+        write_json({"machine": machine_description(), "results": list(results)}, path)
 
 
 def main_python() -> Path:
