@@ -23,6 +23,7 @@ from kagglecls.loading import (
     to_device,
 )
 from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
+from kagglecls.optim import Optimizer
 from kagglecls.params import AugmentedFitParams, FitParams, Params
 from kagglecls.schedule import make_schedule, sgdr_epochs
 from kagglecls.training import (
@@ -332,7 +333,7 @@ def _differential_optimizer(
     plot_path: Path | None,
     sweep: HeadSweep | None,
     context: DistributedContext,
-) -> tuple[torch.optim.Optimizer, list[float]]:
+) -> tuple[Optimizer, list[float]]:
     """An optimizer over the trainable layer groups, each at the top lr / lr_ratio^(groups above it)."""
     group_parameter_lists = group_parameters(model)
     optimizer = make_optimizer(
