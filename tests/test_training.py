@@ -22,6 +22,7 @@ from kagglecls.training import (
     lr_find,
     make_optimizer,
     predict_probabilities,
+    save_atomic,
     save_checkpoint,
     suggest_lr,
     suggest_minimum,
@@ -392,3 +393,14 @@ def test_fingerprint_of():
     assert fingerprint_of("a", 1) == fingerprint_of("a", 1)
     assert fingerprint_of("a", 1) != fingerprint_of("a", 2)
     assert len(fingerprint_of("a")) == 16
+
+
+def test_save_atomic_gives_the_same_bytes_for_the_same_weights_wherever_it_writes(tmp_path):
+    """DVC hashes the model files: the same weights must give the same bytes, whatever the file's name."""
+    state = {"model": nn.Linear(3, 2).state_dict(), "classes": ["a", "b"]}
+    save_atomic(state, tmp_path / "head.pt")
+    save_atomic(state, tmp_path / "other" / "augmented.pt")
+    assert (tmp_path / "head.pt").read_bytes() == (tmp_path / "other" / "augmented.pt").read_bytes()
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["augmented.pt", "head.pt", "other"]
+    loaded = torch.load(tmp_path / "head.pt", weights_only=True)
+    assert torch.equal(loaded["model"]["weight"], state["model"]["weight"])

@@ -312,9 +312,13 @@ def save_checkpoint(
 
 
 def save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary file moved into place. Saved through a file object, the archive's inner
+    folder is always "archive" (given a path, torch names it after the file, here with our pid): the same
+    weights give the same bytes, so DVC sees an unchanged model as unchanged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
+    with open(temporary, "wb") as handle:
+        torch.save(state, handle)
     os.replace(temporary, path)
 
 
