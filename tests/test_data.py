@@ -26,6 +26,7 @@ from kagglecls.data import (
     stratified_split,
     write_manifest,
 )
+from kagglecls.images import load_rgb
 
 LITE = Normalisation(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -276,6 +277,39 @@ def test_loader_batches_and_global_rng_do_not_depend_on_workers(tmp_path):
     untouched = torch.rand(3)
     assert all(torch.equal(one, other) for one, other in zip(runs[0][0], runs[1][0], strict=True))
     assert torch.equal(runs[0][1], untouched) and torch.equal(runs[1][1], untouched)
+
+
+def test_dataset_keeps_decoded_images_up_to_its_budget(tmp_path, monkeypatch):
+    import kagglecls.data as data_module
+
+    rows = _image_rows(tmp_path, [(40, 30), (30, 40), (36, 36)])
+    files = [tmp_path / row.file for row in rows]
+    preset = TrainPreset(size=24, augmentation="side_on", max_zoom=1.1, normalisation=LITE)
+    plain = ImageDataset(files, [0, 1, 2], preset)
+    decoded = []
+
+    def counting_load(path):
+        decoded.append(Path(path).name)
+        return load_rgb(path)
+
+    monkeypatch.setattr(data_module, "load_rgb", counting_load)
+    # Room for the first two images (3600 + 3600 bytes of RGB pixels), not the third (3888).
+    kept = ImageDataset(files, [0, 1, 2], preset, keep_decoded_bytes=7500)
+    for _epoch in range(3):
+        for index in range(3):
+            image, _label = kept[(index, 10 + index)]
+            assert torch.equal(image, plain[(index, 10 + index)][0])
+    # plain decodes 9 times; kept decodes images 0 and 1 once and image 2 every time.
+    assert decoded.count("image0.png") == 1 + 3 and decoded.count("image1.png") == 1 + 3
+    assert decoded.count("image2.png") == 3 + 3
+    assert kept.decoded_bytes == 7200
+
+
+def test_dataset_keeps_nothing_by_default(tmp_path):
+    rows = _image_rows(tmp_path, [(20, 20)])
+    dataset = ImageDataset([tmp_path / rows[0].file], [0], EvalPreset(size=16, normalisation=LITE))
+    dataset[(0, 0)]
+    assert dataset.decoded_bytes == 0
 
 
 def test_unlabelled_dataset_gives_minus_one(tmp_path):

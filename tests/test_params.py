@@ -156,6 +156,12 @@ def test_load_params_names_the_file(tmp_path):
     assert load_params(path) == Params()
 
 
+def test_decoded_cache_mb_is_a_size():
+    assert Params().base.decoded_cache_mb == 2048
+    assert params_from_mapping({"base": {"decoded_cache_mb": 0}}).base.decoded_cache_mb == 0
+    assert "base.decoded_cache_mb" in _error({"base": {"decoded_cache_mb": -5}})
+
+
 def test_num_workers_is_auto_or_a_count():
     assert params_from_mapping({"base": {"num_workers": "auto"}}).base.num_workers == "auto"
     assert params_from_mapping({"base": {"num_workers": 3}}).base.num_workers == 3

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from kagglecls.atomic import replace_folder
 from kagglecls.errors import UserError
@@ -79,6 +78,9 @@ def build_sample_competition(
     _check_sample_arguments(
         n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, image_size=image_size
     )
+    # Imported here: only the download stage builds a sample, and scikit-learn costs 0.8 s to import.
+    from sklearn.datasets import load_digits
+
     digits = load_digits()  # shipped inside scikit-learn: 1797 8x8 images with values 0..16
     train_indices, test_indices = _split_digits(
         digits.target, n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, seed=seed

@@ -192,20 +192,45 @@ def _normalised_tensor(
 
 
 class ImageDataset(Dataset):
-    """Images and label indices (-1 for unlabelled). Items are fetched by (index, sample_seed)."""
+    """Images and label indices (-1 for unlabelled). Items are fetched by (index, sample_seed).
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int] | None, transform) -> None:  # noqa: ANN001
+    With `keep_decoded_bytes`, decoded images are kept in memory, first come first kept, until their pixels
+    reach that many bytes: every later epoch reads those from memory instead of decoding the file again
+    (at 64 px on 2 cores, decoding is about 0.3 ms of the 1.5 ms a training image costs). The transforms
+    never modify the image they are given, so a kept image gives exactly the tensors a fresh decode would.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform,  # noqa: ANN001
+        *,
+        keep_decoded_bytes: int = 0,
+    ) -> None:
         self.files = list(files)
         self.labels = list(labels) if labels is not None else [-1] * len(self.files)
         self.transform = transform
+        self.keep_decoded_bytes = keep_decoded_bytes
+        self._decoded: dict[int, Image.Image] = {}
+        self.decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, sample_seed = key
-        image = load_rgb(self.files[index])
-        return self.transform(image, np.random.default_rng(sample_seed)), self.labels[index]
+        return self.transform(self._image(index), np.random.default_rng(sample_seed)), self.labels[index]
+
+    def _image(self, index: int) -> Image.Image:
+        image = self._decoded.get(index)
+        if image is None:
+            image = load_rgb(self.files[index])
+            size = image.width * image.height * len(image.getbands())
+            if self.decoded_bytes + size <= self.keep_decoded_bytes:
+                self._decoded[index] = image
+                self.decoded_bytes += size
+        return image
 
 
 class SeededSampler(Sampler):

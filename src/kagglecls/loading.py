@@ -114,13 +114,16 @@ def image_loader(
     )
     if context.enabled and context.is_main:
         dist.barrier()
-    dataset = ImageDataset(files, split.labels, transform)
+    workers = loader_workers(params.base.num_workers, device_type=pick_device(params.base.device).type)
+    # Loader workers would each keep their own copy of every image, and they decode in parallel anyway.
+    keep = params.base.decoded_cache_mb * 2**20 if workers == 0 else 0
+    dataset = ImageDataset(files, split.labels, transform, keep_decoded_bytes=keep)
     return make_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         seed=params.base.seed + seed_offset,
-        num_workers=loader_workers(params.base.num_workers, device_type=pick_device(params.base.device).type),
+        num_workers=workers,
         drop_last=shuffle and len(dataset) > batch_size,
         rank=context.rank if shard else 0,
         world_size=context.world_size if shard else 1,

@@ -39,6 +39,7 @@ class BaseParams:
     image_size: int = 64
     batch_size: int = 64
     num_workers: int | Literal["auto"] = "auto"
+    decoded_cache_mb: int = 2048
     amp: bool = True
     channels_last: bool = True
 
@@ -51,6 +52,7 @@ class BaseParams:
             self.num_workers,
             "auto or >= 0",
         )
+        _check(self.decoded_cache_mb >= 0, "decoded_cache_mb", self.decoded_cache_mb, ">= 0")
         allowed = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(allowed, "device", self.device, "auto, cpu, cuda or cuda:N")
 
