@@ -1,6 +1,7 @@
 """Splits, sharded sampling, presets and the pre-resized image cache, on small generated images."""
 
 import hashlib
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from kagglecls.data import (
+    BackgroundLoader,
     DataError,
     EvalPreset,
     ImageDataset,
@@ -26,7 +29,7 @@ from kagglecls.data import (
     stratified_split,
     write_manifest,
 )
-from kagglecls.images import load_rgb
+from kagglecls.images import BadImageError, load_rgb
 
 LITE = Normalisation(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -310,6 +313,40 @@ def test_dataset_keeps_nothing_by_default(tmp_path):
     dataset = ImageDataset([tmp_path / rows[0].file], [0], EvalPreset(size=16, normalisation=LITE))
     dataset[(0, 0)]
     assert dataset.decoded_bytes == 0
+
+
+def test_background_loader_gives_the_plain_loaders_batches(tmp_path):
+    rows = _image_rows(tmp_path, [(40, 30), (30, 40), (36, 36), (50, 40), (30, 30)])
+    preset = TrainPreset(size=24, augmentation="side_on", max_zoom=1.1, normalisation=LITE)
+    dataset = ImageDataset([tmp_path / row.file for row in rows], [0, 1, 2, 0, 1], preset)
+    loader = make_loader(dataset, batch_size=2, shuffle=True, seed=4, num_workers=0)
+    assert isinstance(loader, BackgroundLoader)
+    plain = DataLoader(dataset, batch_size=2, sampler=loader.sampler)
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        background, made_in = [], set()
+        for images, labels in loader:
+            background.append((images, labels))
+            made_in |= {thread.name for thread in threading.enumerate()}
+        assert "batches" in made_in
+        expected = list(plain)
+        assert len(background) == len(expected) == 3
+        for (images, labels), (expected_images, expected_labels) in zip(background, expected, strict=True):
+            assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_background_loader_raises_the_datasets_error_and_stops_on_break(tmp_path):
+    rows = _image_rows(tmp_path, [(20, 20), (20, 20), (20, 20), (20, 20)])
+    files = [tmp_path / row.file for row in rows]
+    (tmp_path / rows[2].file).write_bytes(b"not an image")
+    dataset = ImageDataset(files, [0, 0, 0, 0], EvalPreset(size=16, normalisation=LITE))
+    loader = make_loader(dataset, batch_size=1, shuffle=False, seed=0, num_workers=0)
+    with pytest.raises(BadImageError, match="image2.png"):
+        list(loader)
+    threads = threading.active_count()
+    for _images, _labels in loader:
+        break  # the background thread stops after the batch it is making
+    assert threading.active_count() == threads
 
 
 def test_unlabelled_dataset_gives_minus_one(tmp_path):
