@@ -7,7 +7,6 @@ Run by DVC: `python stages/predict_tta.py --reorganised data/reorganised --cache
 
 from pathlib import Path
 
-from kagglecls import predict
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -21,6 +20,8 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
+        from kagglecls import predict  # imported here, once the figures' process has started
+
         predict.predict_tta(
             params=params,
             reorganised=arguments.reorganised,
@@ -31,7 +32,7 @@ def main() -> None:
             predictions=arguments.predictions,
         )
 
-    run_stage("predict_tta", body, parser)
+    run_stage("predict_tta", body, parser, draws_figures=True)
 
 
 if __name__ == "__main__":
