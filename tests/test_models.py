@@ -267,6 +267,46 @@ def test_predict_probabilities_folds_batchnorm_and_leaves_it_unfolded():
     assert np.allclose(probabilities, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(("side", "rings_left_out"), [(2, 1), (3, 0), (1, 2)])
+def test_a_depthwise_conv_on_a_map_smaller_than_its_kernel_gives_the_full_kernels_results_bit_for_bit(
+    side, rings_left_out
+):
+    """Lite0's 5x5 depthwise convs on 2x2 maps (64 px images) run only the taps that meet the map: the same
+    outputs and gradients, input's and weight's (zero on the rings left out), as the full 5x5 conv."""
+    from kagglecls.models import FoldedBatchNorm2d
+
+    generator = torch.Generator().manual_seed(side)
+    channels = 16
+    conv = nn.Conv2d(channels, channels, 5, padding=2, groups=channels, bias=False)
+    batchnorm = FoldedBatchNorm2d(channels).eval()
+    batchnorm.running_var.uniform_(0.5, 2.0, generator=generator)
+    folded = FoldedConv2d(conv, batchnorm, input_pad=None)
+    images = torch.randn(8, channels, side, side, generator=generator).contiguous(
+        memory_format=torch.channels_last
+    )
+    upstream = torch.randn(8, channels, side, side, generator=generator)
+    results = []
+    for run in ("taps that meet the map", "the full kernel"):
+        inputs = images.clone().requires_grad_(True)
+        conv.weight.grad = None
+        if run == "the full kernel":
+            outputs = nn.functional.batch_norm(
+                nn.functional.conv2d(inputs, conv.weight, padding=2, groups=channels),
+                batchnorm.running_mean,
+                batchnorm.running_var,
+                training=False,
+            )
+        else:
+            assert folded._taps_meeting_only_padding(inputs) == rings_left_out
+            outputs = folded(inputs)
+        outputs.backward(upstream)
+        results.append((outputs.detach(), inputs.grad, conv.weight.grad.clone()))
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+    if rings_left_out:
+        assert torch.count_nonzero(results[0][2][:, :, 0, :]) == 0  # the outer ring's taps meet only zeros
+
+
 @pytest.mark.parametrize("bn_mode", ["frozen statistics", "batch statistics"])
 def test_lite0_body_gradients_match_the_package(bn_mode):
     """The BatchNorm's gamma and beta and the conv weights get the gradients the package gives them, with

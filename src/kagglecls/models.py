@@ -259,6 +259,33 @@ class FoldedConv2d(nn.Conv2d):
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
         return self._conv_forward(inputs, weight, bias)
 
+    def _conv_forward(
+        self, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        crop = self._taps_meeting_only_padding(inputs)
+        if crop == 0:
+            return super()._conv_forward(inputs, weight, bias)
+        weight = weight[:, :, crop:-crop, crop:-crop]
+        padding = self.padding[0] - crop
+        return nn.functional.conv2d(inputs, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def _taps_meeting_only_padding(self, inputs: torch.Tensor) -> int:
+        """Rings of a 'same' depthwise kernel that only ever meet the zero padding, on a map no wider than the
+        padding: Lite0's 5x5 depthwise convs on the 2x2 maps of 64 px images use only their central 3x3.
+        Leaving those rings out gives the same outputs and gradients bit for bit (tested) in half the time."""
+        (kernel, kernel_width), padding = self.kernel_size, self.padding
+        if (
+            isinstance(padding, str)
+            or self.groups != self.in_channels
+            or self.stride != (1, 1)
+            or self.dilation != (1, 1)
+            or kernel != kernel_width
+            or padding != (kernel // 2, kernel // 2)
+            or kernel % 2 == 0
+        ):
+            return 0
+        return max(0, kernel // 2 - max(inputs.shape[-2:]) + 1)
+
 
 @contextmanager
 def batchnorm_folded(model: nn.Module) -> Iterator[None]:
