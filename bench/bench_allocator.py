@@ -1,4 +1,4 @@
-"""glibc's malloc as it comes against freed memory kept for reuse (kagglecls.cli.keep_freed_memory), which
+"""glibc's malloc as it comes against freed memory kept for reuse (kagglecls.memory.keep_freed_memory), which
 every stage sets up before it runs (issue 6).
 
 Each case runs in a fresh process per allocator setting, on random images (what is timed is the network,
@@ -37,7 +37,7 @@ SETTINGS = ("glibc default", "freed memory kept")
 
 def measure_in_this_process(what: str, size: int, batch: int, *, keep: bool, repeats: int) -> dict:
     if keep:
-        from kagglecls.cli import keep_freed_memory
+        from kagglecls.memory import keep_freed_memory
 
         if not keep_freed_memory():
             raise SystemExit("keep_freed_memory: not glibc, nothing to compare")

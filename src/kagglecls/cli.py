@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
-import platform
 import sys
 import threading
 from collections.abc import Callable
@@ -17,6 +14,7 @@ from pathlib import Path
 
 from kagglecls import plots
 from kagglecls.errors import UserError
+from kagglecls.memory import keep_freed_memory
 from kagglecls.params import Params, load_params
 
 log = logging.getLogger("kagglecls")
@@ -58,29 +56,6 @@ def run_stage(
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)
     end_without_teardown()
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to the system.
-
-    By default every block over 32 MB gets a mapping of its own, unmapped when freed, and the system zeroes
-    each of its pages again on first touch. A network's activations are such blocks: Lite0's largest map is
-    50 MB for a batch of 128 images at 64 px (precompute's), and 38 MB for a batch of 8 at 224 px. Served from
-    the heap instead, the same memory is reused batch after batch. bench/bench_allocator.py: the frozen body's
-    forward 2.0x faster at 64 px and 2.6x at 224 px, a finetune step 1.19x at 96 px and 1.08x at 224 px, for
-    7-19% more peak memory. Only where memory comes from changes: outputs are the same bytes. Returns whether
-    it applied (glibc only: musl and macOS keep their own allocator).
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    no_mappings = libc.mallopt(M_MMAP_MAX, 0)
-    no_trimming = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    return bool(no_mappings and no_trimming)
 
 
 def end_without_teardown() -> None:
