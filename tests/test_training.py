@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kagglecls import training
 from kagglecls.schedule import Schedule, make_schedule
 from kagglecls.training import (
     FitPlan,
@@ -145,35 +144,6 @@ def test_predict_probabilities_of_several_views_per_item():
         one_view = DataLoader(TensorDataset(views[:, view], targets), batch_size=4)
         expected, _ = predict_probabilities(model, one_view, settings=CPU)
         np.testing.assert_allclose(probabilities[:, view], expected, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("amp", "native_bf16", "expected"), [(True, True, True), (True, False, False), (False, True, False)]
-)
-def test_cpu_predictions_run_in_bf16_only_with_amp_on_a_cpu_that_has_it(
-    monkeypatch, amp, native_bf16, expected
-):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native_bf16)
-    settings = StepSettings(device=torch.device("cpu"), amp=amp)
-    with settings.inference_autocast():
-        assert torch.is_autocast_enabled("cpu") is expected
-        if expected:
-            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with settings.autocast():  # training steps stay float32 on CPU
-        assert torch.is_autocast_enabled("cpu") is False
-
-
-def test_bf16_predictions_stay_close_to_float32_ones(monkeypatch):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)  # emulated where the CPU lacks it
-    model = _tiny_model().eval()
-    loader = DataLoader(TensorDataset(*_tensors(64, seed=4)), batch_size=16)
-    full, _ = predict_probabilities(model, loader, settings=CPU)
-    bf16, _ = predict_probabilities(
-        model, loader, settings=StepSettings(device=torch.device("cpu"), amp=True)
-    )
-    assert bf16.dtype == np.float32
-    np.testing.assert_allclose(bf16.sum(axis=1), 1.0, rtol=1e-6)
-    assert 0 < np.abs(bf16 - full).max() < 0.02  # rounded (so bf16 ran), and only slightly
 
 
 def test_train_one_epoch_sets_each_groups_lr_from_the_schedule():

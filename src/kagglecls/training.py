@@ -40,16 +40,6 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 inference is fast.
-
-    Elsewhere bf16 is emulated and no faster than float32. torch.cpu's checks are private, so a torch
-    without them counts as no.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -125,25 +115,9 @@ class StepSettings:
     train_mode: Callable[[nn.Module], None] = field(default=lambda model: model.train())
 
     def autocast(self) -> torch.autocast:
-        """Mixed precision for the passes that train or feed training: on CUDA only."""
         enabled = self.amp and self.device.type == "cuda"
         dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=enabled)
-
-    def inference_autocast(self) -> torch.autocast:
-        """Mixed precision for predictions that feed no training (validation, TTA): as `autocast` on CUDA,
-        and bf16 on a CPU that has it in hardware.
-
-        Measured on EfficientNet-Lite0, BatchNorm folded, 2 cores with AVX512-BF16: 0.47 against 1.07 ms an
-        image at 64 px, 0.87 against 2.00 at 96 px; probabilities move by at most 0.004. On CPU the training
-        steps and precompute stay float32: bf16 there is slower to train, and any rounding fed into training
-        moves the sample's figures far more than the rounding itself (see models.FoldedConv2d).
-        """
-        if self.device.type != "cpu":
-            return self.autocast()
-        return torch.autocast(
-            device_type="cpu", dtype=torch.bfloat16, enabled=self.amp and cpu_has_native_bf16()
-        )
 
     def move(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.to(self.device, non_blocking=True)
@@ -220,15 +194,14 @@ def predict_probabilities(
 
     With `views`, each item is several inputs (batches of shape (items, views, ...), as TtaViews makes):
     they go through the model together and the probabilities have shape (items, views, classes).
-    Nothing trains on these, so BatchNorm is folded into the convs (models.FoldedConv2d: 1.7x faster), and
-    with `settings.amp` they run in bf16 on a CPU that has it in hardware (2.3x faster again).
+    Nothing trains on these, so BatchNorm is folded into the convs (models.FoldedConv2d: 1.7x faster).
     """
     model.eval()
     all_probabilities, all_targets = [], []
     with batchnorm_folded(model):
         for inputs, targets in tqdm(loader, desc=description, leave=False):
             shape = inputs.shape[:2] if views else inputs.shape[:1]
-            with settings.inference_autocast():
+            with settings.autocast():
                 logits = model(settings.move(inputs.flatten(0, len(shape) - 1)))
             probabilities = torch.softmax(logits.float(), dim=1).reshape(*shape, -1)
             all_probabilities.append(probabilities.cpu().numpy())
