@@ -146,11 +146,9 @@ def main() -> None:
     ]
     header = [
         "case",
-        f"images/s ({SETTINGS[0]})",
-        f"images/s ({SETTINGS[1]})",
+        *(f"images/s ({setting})" for setting in SETTINGS),
         "speed-up",
-        "peak MB",
-        "peak MB",
+        *(f"peak MB ({setting})" for setting in SETTINGS),
     ]
     common.report(common.format_table(rows, header))
     common.save_results(results, arguments.json)

@@ -7,7 +7,7 @@ requirements-bench.txt into .venv/fastai-bench when missing (never into .venv). 
 whether a target was met; nothing here fails on a figure, only on a benchmark that could not run.
 
 Run from the repository root:
-    .venv/bin/python bench/run_all.py [--full] [--only fastai precompute scale dvc images] [--workdir DIR]
+    .venv/bin/python bench/run_all.py [--full] [--only images precompute allocator fastai scale dvc] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("images", "precompute", "fastai", "scale", "dvc")
+NAMES = ("images", "precompute", "allocator", "fastai", "scale", "dvc")
 
 
 def bench_arguments(name: str, *, full: bool, workdir: Path) -> list[str]:
@@ -35,6 +35,7 @@ def bench_arguments(name: str, *, full: bool, workdir: Path) -> list[str]:
     quick_and_full = {
         "images": (["--count", "200", "--repeats", "2"], ["--count", "400", "--repeats", "3"]),
         "precompute": (["--sizes", "64"], ["--sizes", "64", "128", "224"]),
+        "allocator": (["--repeats", "3"], ["--repeats", "5"]),
         "fastai": (["--competitions", "sample"], ["--competitions", "sample", "class_folders"]),
         "scale": (["--scales", "0.02", "0.05", "0.1"], ["--scales", "0.1", "0.5", "1"]),
         "dvc": (["--scales", "0.1"], ["--scales", "1"]),
@@ -84,6 +85,14 @@ def headline_precompute(run: dict) -> str:
     )
 
 
+def headline_allocator(run: dict) -> str:
+    return "; ".join(
+        f"{r['case']} {r['image_size']} px: {r['speedup']:.2f}x faster with freed memory kept, "
+        f"{r['memory_ratio']:.2f}x the peak memory"
+        for r in run["figures"]["results"]
+    )
+
+
 def headline_fastai(run: dict) -> str:
     parts = []
     for r in run["figures"]["results"]:
@@ -122,6 +131,7 @@ def headline_dvc(run: dict) -> str:
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "images": headline_images,
     "precompute": headline_precompute,
+    "allocator": headline_allocator,
     "fastai": headline_fastai,
     "scale": headline_scale,
     "dvc": headline_dvc,
