@@ -7,7 +7,6 @@ Only glibc is concerned (musl and macOS have their own allocators): elsewhere bo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import platform
 
@@ -17,9 +16,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL(ctypes.util.find_library("c"))
+    """The C library Python already runs on (its symbols, without looking for the file: ctypes.util's
+    find_library would start ldconfig at every stage's start)."""
+    return ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
 
 
 def keep_freed_memory() -> bool:
