@@ -104,7 +104,7 @@ def _train(
     schedule = make_schedule(
         "sgdr", steps_per_epoch=steps, n_cycle=1, cycle_len=EPOCHS, cycle_mult=1, warmup=False
     )
-    history = fit(
+    result = fit(
         trained,
         optimizer,
         plan=FitPlan(epochs=EPOCHS, steps_per_epoch=steps, schedule=schedule, seed=3),
@@ -116,7 +116,7 @@ def _train(
         context=context,
     )
     train_loader.sampler.set_epoch(0)
-    return model, history, [index for index, _ in train_loader.sampler]
+    return model, result.history, [index for index, _ in train_loader.sampler]
 
 
 def _worker(images: Path, out: Path) -> None:

@@ -8,7 +8,7 @@ import yaml
 from kagglecls.errors import UserError
 from kagglecls.params import (
     FinetuneParams,
-    FitParams,
+    HeadParams,
     Params,
     ParamsError,
     load_params,
@@ -60,13 +60,25 @@ def test_params_yaml_known_values():
     assert params.base.seed == 42
     assert params.train_head.lr == "auto"
     assert params.finetune.lr == 0.001
-    assert params.model.head_hidden == (512,)
-    assert params.model.head_dropout == (0.25, 0.5)
+    assert params.train_head.method == "lbfgs"
+    assert params.model.head_hidden == ()
+    assert params.model.head_dropout == (0.25,)
 
 
 def test_empty_mapping_gives_the_dataclass_defaults():
     assert params_from_mapping({}) == Params()
-    assert params_from_mapping({"train_head": {"lr": 0.01}}).train_head == FitParams(lr=0.01)
+    assert params_from_mapping({"train_head": {"lr": 0.01}}).train_head == HeadParams(lr=0.01)
+
+
+def test_a_hidden_layer_needs_the_epochs_head():
+    assert "set model.head_hidden: []" in _error(
+        {"model": {"head_hidden": [512], "head_dropout": [0.25, 0.5]}}
+    )
+    chosen = {
+        "model": {"head_hidden": [512], "head_dropout": [0.25, 0.5]},
+        "train_head": {"method": "epochs"},
+    }
+    assert params_from_mapping(chosen).model.head_hidden == (512,)
 
 
 def test_params_errors_are_user_errors_and_value_errors():
@@ -135,7 +147,7 @@ def test_wrong_type_names_key_value_and_type(raw, expected):
         ({"predict_tta": {"beta": 2}}, "predict_tta.beta: 2.0 is out of range; allowed: [0, 1]"),
         (
             {"model": {"head_hidden": [512, 256]}},
-            "model.head_dropout: [0.25, 0.5] is out of range; allowed: 3 values, one per linear layer",
+            "model.head_dropout: [0.25] is out of range; allowed: 3 values, one per linear layer",
         ),
     ],
 )

@@ -42,9 +42,13 @@ def test_every_training_stage_records_log_loss_and_accuracy(project: Path) -> No
         metrics = yaml.safe_load((project / f"metrics/{stage}.json").read_text())
         assert 0 <= metrics["valid_accuracy"] <= 1
         assert metrics["valid_log_loss"] > 0
+    assert yaml.safe_load((project / "metrics/train_head.json").read_text())["l2"] > 0
+    finetune = yaml.safe_load((project / "metrics/finetune.json").read_text())
+    assert 0 <= finetune["best_epoch"] <= finetune["epochs"]
+    assert finetune["lr_source"] == "fixed"
     for picture in (
         "plots/size_histogram.png",
-        "plots/train_head/lr_find.png",
+        "plots/finetune/history.png",
         "plots/predict_tta/top_losses.png",
     ):
         assert (project / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -56,7 +60,7 @@ def test_second_repro_runs_nothing(project: Path) -> None:
 
 
 def test_train_head_param_reruns_from_train_head_on(project: Path) -> None:
-    output = run(["dvc", "exp", "run", "-S", "train_head.weight_decay=0.02"], project)
+    output = run(["dvc", "exp", "run", "-S", "train_head.l2=0.5"], project)
     assert stages_run(output) == ["train_head", "train_augmented", "finetune", "predict_tta", "submission"]
     shown = run(["dvc", "exp", "show", "--csv"], project)
     assert "valid_log_loss" in shown.splitlines()[0]
@@ -68,3 +72,15 @@ def test_resnet34_from_random_weights_runs_to_a_valid_submission(project: Path) 
     submission = pd.read_csv(project / "data/submission.csv", dtype={"id": str})
     assert submission["id"].tolist() == sample["id"].tolist()
     np.testing.assert_allclose(submission.drop(columns="id").to_numpy().sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_a_finished_run_leaves_no_checkpoint_and_a_code_change_retrains(project: Path) -> None:
+    """A checkpoint only resumes an interrupted run: none is left once finetune is done, so a code change
+    (here a comment in the library finetune imports) retrains from the start instead of resuming."""
+    assert not any((project / "models").rglob("checkpoints/*.pt"))
+    library = project / "src/kagglecls/fitting.py"
+    library.write_text(library.read_text() + "\n# a change\n")
+    output = run(["dvc", "repro", "finetune"], project)
+    assert stages_run(output) == ["train_head", "train_augmented", "finetune"]
+    assert "resuming" not in output
+    assert "finetune size 32 epoch 1/1" in output

@@ -29,6 +29,7 @@ from kagglecls.training import (
     suggest_steep,
     suggest_valley,
     train_one_epoch,
+    why_no_suggestion,
 )
 
 CPU = StepSettings(device=torch.device("cpu"))
@@ -268,9 +269,25 @@ def test_suggest_lr_looks_inside_fastais_window(method, expected):
     assert suggest_lr(result, method) == pytest.approx(expected, rel=1e-12)
 
 
-def test_suggest_lr_refuses_a_sweep_too_short():
-    with pytest.raises(RuntimeError, match="lr_find stopped after 6 steps"):
-        suggest_lr(LrFindResult(lrs=CURVE_LRS[:6], losses=CURVE_LOSSES[:6]), "valley")
+@pytest.mark.parametrize("method", ["valley", "minimum", "steep"])
+def test_suggest_lr_gives_none_for_a_sweep_too_short(method):
+    short = LrFindResult(lrs=CURVE_LRS[:6], losses=CURVE_LOSSES[:6])
+    assert suggest_lr(short, method) is None
+    assert why_no_suggestion(short) == "the sweep stopped after 6 steps, too few to read"
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        [2.0] * 20,  # flat
+        [2.0 + 0.001 * i for i in range(20)],  # only rising: a model already at its minimum
+        [2.0 - 0.0005 * i for i in range(20)],  # falls, but by 0.3% over the window: noise
+    ],
+)
+def test_suggest_lr_gives_none_where_the_loss_never_fell(losses):
+    result = LrFindResult(lrs=CURVE_LRS, losses=losses)
+    assert suggest_lr(result, "valley") is None
+    assert why_no_suggestion(result) == "the loss never fell by 1% over 20 steps"
 
 
 # ---------------------------------------------------------------- fit: determinism and resume
@@ -304,14 +321,21 @@ def _train_loader(fail_on_epoch: int | None = None) -> CountingLoader:
 
 
 def _run_fit(
-    *, train_loader: CountingLoader | None = None, checkpoint=None, fingerprint: str = "", model_seed: int = 0
+    *,
+    train_loader: CountingLoader | None = None,
+    checkpoint=None,
+    fingerprint: str = "",
+    model_seed: int = 0,
+    epochs: int = 3,
+    snapshot_epochs: tuple[int, ...] = (),
 ):
     model = _tiny_model(model_seed)
     optimizer = make_optimizer([list(model.parameters())], [1e-2], kind="adam", weight_decay=0.01)
     train_loader = train_loader or _train_loader()
     steps = len(train_loader)
     plan = FitPlan(
-        epochs=3,
+        epochs=epochs,
+        snapshot_epochs=snapshot_epochs,
         steps_per_epoch=steps,
         schedule=make_schedule(
             "sgdr", steps_per_epoch=steps, n_cycle=2, cycle_len=1, cycle_mult=2, warmup=False
@@ -319,7 +343,7 @@ def _run_fit(
         seed=7,
     )
     valid_inputs, valid_targets = _tensors(24, seed=2)
-    history = fit(
+    result = fit(
         model,
         optimizer,
         plan=plan,
@@ -329,7 +353,7 @@ def _run_fit(
         checkpoint=checkpoint,
         fingerprint=fingerprint,
     )
-    return model, optimizer, history
+    return model, optimizer, result.history
 
 
 def test_fit_twice_from_the_same_seed_is_identical():
@@ -393,6 +417,49 @@ def test_fingerprint_of():
     assert fingerprint_of("a", 1) == fingerprint_of("a", 1)
     assert fingerprint_of("a", 1) != fingerprint_of("a", 2)
     assert len(fingerprint_of("a")) == 16
+
+
+def test_fingerprint_of_covers_the_running_script(tmp_path, monkeypatch):
+    """A checkpoint left by other code is not resumed: the stage script (and the package) are hashed."""
+    script = tmp_path / "finetune.py"
+    script.write_text("SEED = 1\n")
+    monkeypatch.setattr("sys.argv", [str(script)])
+    before = fingerprint_of("finetune", 64)
+    script.write_text("SEED = 2\n")
+    assert fingerprint_of("finetune", 64) != before
+
+
+def _evaluations(monkeypatch, losses: list[float]) -> None:
+    """evaluate() gives these valid log losses, one per call in order: a hand-made history."""
+    calls = iter(losses)
+    monkeypatch.setattr(
+        "kagglecls.training.evaluate",
+        lambda *arguments, **options: {"valid_log_loss": next(calls), "valid_accuracy": 0.5},
+    )
+
+
+def test_fit_keeps_the_best_cycle_end(monkeypatch):
+    # start 0.9; epochs 1, 2, 3: 0.5, 0.2, 0.6. Epoch 2 is no cycle end (cycles end at 1 and 3): epoch 1 wins.
+    _evaluations(monkeypatch, [0.9, 0.5, 0.2, 0.6])
+    kept_model, _, history = _run_fit(snapshot_epochs=(0, 1, 3))
+    assert [record["valid_log_loss"] for record in history] == [0.5, 0.2, 0.6]
+    _evaluations(monkeypatch, [0.5])
+    one_epoch_model, _, _ = _run_fit(epochs=1)  # the same first epoch: each epoch reseeds from the plan
+    _assert_same_state(one_epoch_model.state_dict(), kept_model.state_dict())
+
+
+def test_fit_keeps_the_weights_it_started_from_when_no_cycle_end_beats_them(monkeypatch):
+    _evaluations(monkeypatch, [0.4, 0.5, 0.3, 0.6])
+    kept_model, _, _ = _run_fit(snapshot_epochs=(0, 1, 3))
+    _assert_same_state(_tiny_model().state_dict(), kept_model.state_dict())
+
+
+def test_fit_without_snapshots_ends_with_the_last_epoch(monkeypatch):
+    _evaluations(monkeypatch, [0.5, 0.2, 0.6])
+    last_model, _, _ = _run_fit()
+    _evaluations(monkeypatch, [0.5, 0.2, 0.6])
+    again, _, _ = _run_fit(snapshot_epochs=(3,))
+    _assert_same_state(last_model.state_dict(), again.state_dict())
 
 
 def test_save_atomic_gives_the_same_bytes_for_the_same_weights_wherever_it_writes(tmp_path):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from kagglecls import plots
+from kagglecls import logistic, plots
 from kagglecls.data import EvalPreset, TrainPreset, file_md5
 from kagglecls.features import feature_loader
 from kagglecls.loading import (
@@ -24,12 +26,13 @@ from kagglecls.loading import (
 )
 from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
 from kagglecls.optim import Optimizer
-from kagglecls.params import AugmentedFitParams, FitParams, Params
-from kagglecls.schedule import make_schedule, sgdr_epochs
+from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params
+from kagglecls.schedule import make_schedule, sgdr_cycle_ends, sgdr_epochs
 from kagglecls.training import (
     DistributedContext,
     FitPlan,
     StepSettings,
+    evaluate,
     fingerprint_of,
     fit,
     init_distributed,
@@ -40,6 +43,7 @@ from kagglecls.training import (
     save_atomic,
     seed_everything,
     suggest_lr,
+    why_no_suggestion,
 )
 
 log = logging.getLogger(__name__)
@@ -62,9 +66,10 @@ class StageOutputs:
 
 
 def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot_path: Path | None):  # noqa: ANN001, ANN201
-    """The lr to train with: fixed, or lr_find's suggestion. The sweep leaves the weights as they were."""
+    """The lr to train with and where it came from: "fixed", "lr_find", or "fallback" (lr_find.fallback_lr)
+    when the sweep's curve cannot give a suggestion. The sweep leaves the weights as they were."""
     if fit_params.lr != "auto":
-        return float(fit_params.lr), None
+        return float(fit_params.lr), "fixed"
     finder = fit_params.lr_find
     result = lr_find(
         model,
@@ -76,7 +81,14 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
         settings=settings,
     )
     suggested = suggest_lr(result, finder.suggestion)
-    log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
+    if suggested is None:
+        log.warning(
+            "lr_find: no suggestion (%s); using lr_find.fallback_lr %.3g",
+            why_no_suggestion(result),
+            finder.fallback_lr,
+        )
+    else:
+        log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
     if plot_path is not None:
         plots.plot_lr_find(result.lrs, result.losses, suggested=suggested, path=plot_path)
         plots.write_csv(
@@ -84,36 +96,51 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
             plot_path.with_suffix(".csv"),
             columns=("lr", "loss"),
         )
-    return suggested, result
+    if suggested is None:
+        return finder.fallback_lr, "fallback"
+    return suggested, "lr_find"
 
 
 def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPlan:
-    epochs_float = sgdr_epochs(
-        n_cycle=fit_params.n_cycle, cycle_len=fit_params.cycle_len, cycle_mult=fit_params.cycle_mult
-    )
+    cycles = {
+        "n_cycle": fit_params.n_cycle,
+        "cycle_len": fit_params.cycle_len,
+        "cycle_mult": fit_params.cycle_mult,
+    }
+    epochs = max(1, round(sgdr_epochs(**cycles)))
     schedule = make_schedule(
-        fit_params.schedule,
-        steps_per_epoch=steps_per_epoch,
-        n_cycle=fit_params.n_cycle,
-        cycle_len=fit_params.cycle_len,
-        cycle_mult=fit_params.cycle_mult,
-        warmup=fit_params.warmup,
+        fit_params.schedule, steps_per_epoch=steps_per_epoch, warmup=fit_params.warmup, **cycles
     )
+    snapshots: tuple[int, ...] = ()
+    if getattr(fit_params, "keep", "last_epoch") == "best_cycle_end":
+        # one_cycle has a single cycle: only its end and the start are candidates.
+        ends = sgdr_cycle_ends(**cycles) if fit_params.schedule == "sgdr" else [epochs]
+        snapshots = (0, *(end for end in ends if end <= epochs))
     return FitPlan(
-        epochs=max(1, round(epochs_float)), steps_per_epoch=steps_per_epoch, schedule=schedule, seed=seed
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        schedule=schedule,
+        seed=seed,
+        snapshot_epochs=snapshots,
     )
 
 
 def write_stage_results(
-    history: list[dict], *, lr: float | list[float], outputs: StageOutputs, extra: dict
+    history: list[dict], *, outputs: StageOutputs, extra: dict, kept: dict | None = None
 ) -> None:
+    """metrics.json (the valid figures of the weights the stage hands on) and history.csv (every epoch).
+
+    `kept`: the record of a kept snapshot, whose epoch becomes `best_epoch` (0: the stage kept the weights
+    it was given). Its valid figure was chosen on the valid set, so it flatters a little.
+    """
     last = history[-1]
+    chosen = kept or last
     metrics = {
-        "valid_log_loss": last["valid_log_loss"],
-        "valid_accuracy": last["valid_accuracy"],
+        "valid_log_loss": chosen["valid_log_loss"],
+        "valid_accuracy": chosen["valid_accuracy"],
         "train_loss": last["train_loss"],
         "epochs": len(history),
-        "lr": lr,
+        **({"best_epoch": kept["epoch"]} if kept else {}),
         **extra,
     }
     plots.write_json(metrics, outputs.metrics)
@@ -122,26 +149,20 @@ def write_stage_results(
         outputs.plots_dir / "history.csv",
         columns=("epoch", "train_loss", "valid_log_loss", "valid_accuracy"),
     )
+    if kept:
+        plots.plot_history(history, best_epoch=kept["epoch"], path=outputs.plots_dir / "history.png")
     log.info("valid log loss %.4f, accuracy %.4f", metrics["valid_log_loss"], metrics["valid_accuracy"])
 
 
 def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs: StageOutputs) -> None:
-    """lr_find, then the head trained on the precomputed activations (precompute=True in fastai)."""
+    """The head trained on the precomputed activations (precompute=True in fastai): by default a logistic
+    regression fitted full-batch (logistic.py), or, with `method: epochs`, lr_find then SGDR epochs."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
     splits, classes = load_splits(reorganised)
-    fit_params = params.train_head
-    batch_size = fit_params.batch_size or params.base.batch_size
     model = build_model(params, len(classes), pretrained=False)
     head = model.head.to(device)
     settings = StepSettings(device=device)
-    train_loader = feature_loader(
-        features_dir / "train.npy",
-        splits["train"].labels,
-        batch_size=batch_size,
-        shuffle=True,
-        seed=params.base.seed,
-    )
     valid_loader = feature_loader(
         features_dir / "valid.npy",
         splits["valid"].labels,
@@ -149,10 +170,83 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
         shuffle=False,
         seed=params.base.seed,
     )
+    if params.train_head.method == "lbfgs":
+        extra = fit_linear_head(
+            head,
+            np.load(features_dir / "train.npy", mmap_mode="r"),
+            splits["train"].labels,
+            n_classes=len(classes),
+            fit_params=params.train_head,
+            seed=params.base.seed,
+        )
+        history = [
+            {
+                "epoch": 1,
+                "train_loss": extra.pop("train_loss"),
+                **evaluate(head, valid_loader, settings=settings),
+            }
+        ]
+    else:
+        history, extra = _train_head_epochs(
+            params, head, features_dir, splits, settings, valid_loader, outputs
+        )
+    save_atomic({"head": head.state_dict(), "classes": classes}, outputs.model)
+    write_stage_results(history, outputs=outputs, extra=extra)
+
+
+@torch.no_grad()
+def fit_linear_head(
+    head: nn.Sequential,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_classes: int,
+    fit_params: HeadParams,
+    seed: int,
+) -> dict:
+    """Set a [BatchNorm1d, Dropout, Linear] head to the logistic regression fitted on `features`: the
+    BatchNorm's running statistics standardise, the Linear holds the fitted weights. In eval mode the head
+    then computes exactly the fitted model."""
+    batchnorm, linear = head[0], head[-1]
+    device = linear.weight.device
+    inputs = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    standardisation = logistic.Standardisation.of(inputs)
+    standardised = standardisation.apply(inputs)
+    with torch.enable_grad():
+        fitted = logistic.choose_and_fit(
+            standardised,
+            targets,
+            n_classes=n_classes,
+            l2=None if fit_params.l2 == "auto" else fit_params.l2,
+            n_folds=fit_params.cv_folds,
+            seed=seed,
+        )
+    batchnorm.running_mean.copy_(standardisation.mean)
+    batchnorm.running_var.copy_(standardisation.var)
+    batchnorm.weight.fill_(1.0)
+    batchnorm.bias.zero_()
+    linear.weight.copy_(fitted.weight)
+    linear.bias.copy_(fitted.bias)
+    train_loss = nn.functional.cross_entropy(standardised @ fitted.weight.T + fitted.bias, targets).item()
+    log.info("logistic head: l2 %g (cv log loss %s)", fitted.l2, fitted.cv_log_loss)
+    return {"train_loss": train_loss, "l2": fitted.l2, "cv_log_loss": fitted.cv_log_loss}
+
+
+def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, outputs):  # noqa: ANN001, ANN202
+    """fastai's way: lr_find on the activations, then SGDR epochs of mini-batches."""
+    fit_params = params.train_head
+    train_loader = feature_loader(
+        features_dir / "train.npy",
+        splits["train"].labels,
+        batch_size=fit_params.batch_size or params.base.batch_size,
+        shuffle=True,
+        seed=params.base.seed,
+    )
     optimizer = make_optimizer(
         [list(head.parameters())], [1.0], kind=fit_params.optimizer, weight_decay=fit_params.weight_decay
     )
-    lr, _ = choose_lr(
+    lr, source = choose_lr(
         fit_params,
         model=head,
         optimizer=optimizer,
@@ -163,7 +257,7 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
     plan = plan_fit(fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed)
-    history = fit(
+    result = fit(
         head,
         optimizer,
         plan=plan,
@@ -172,8 +266,7 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
         settings=settings,
         description="train_head",
     )
-    save_atomic({"head": head.state_dict(), "classes": classes}, outputs.model)
-    write_stage_results(history, lr=lr, outputs=outputs, extra={})
+    return result.history, {"lr": lr, "lr_source": source}
 
 
 def train_augmented(
@@ -187,11 +280,12 @@ def train_augmented(
 ) -> None:
     """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len.
 
-    With `lr: auto` and `model.frozen_bn: eval`, lr_find sweeps the head on the precomputed activations, as
-    fastai 0.7's lesson ran lr_find with precompute=True: the frozen body gives exactly those activations
-    for un-augmented images, and the sweep costs a fraction of a second instead of num_steps body forwards
-    (measured on the sample: 0.3 s against 8.6 s). With `frozen_bn: train` the body's output moves with the
-    BatchNorm statistics, so the sweep goes through the images.
+    With `lr: auto` and `model.frozen_bn: eval`, lr_find sweeps a freshly initialised copy of the head on the
+    precomputed activations, as fastai 0.7's lesson ran lr_find with precompute=True before training the head
+    and kept that lr for this stage. A fresh copy, because the trained head already sits at its minimum: its
+    loss only rises along a sweep. The sweep costs a fraction of a second instead of num_steps body forwards.
+    With `frozen_bn: train` the body's output moves with the BatchNorm statistics: the sweep goes through
+    the images.
     """
     fit_params = params.train_augmented
     model, classes = load_classifier(params, head_path=head_path, weights_key="head")
@@ -206,7 +300,7 @@ def train_augmented(
             shuffle=True,
             seed=params.base.seed,
         )
-        sweep = HeadSweep(head=model.head, loader=features)
+        sweep = HeadSweep(head=_freshly_initialised(model.head), loader=features)
     _fit_images(
         params,
         fit_params,
@@ -221,6 +315,14 @@ def train_augmented(
         inputs=[head_path],
         sweep=sweep,
     )
+
+
+def _freshly_initialised(head: nn.Module) -> nn.Module:
+    fresh = copy.deepcopy(head)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return fresh
 
 
 def finetune(
@@ -268,13 +370,13 @@ def _fit_images(
     model = to_device(model, settings)
     trained = _wrap_distributed(model, context, device)
     batch_size = fit_params.batch_size or params.base.batch_size
-    histories, lrs = [], []
+    histories, lrs, checkpoints = [], [], []
     for round_index, size in enumerate(sizes):
         train_loader, valid_loader = _augmented_loaders(
             params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
         )
         plot_path = outputs.plots_dir / f"lr_find_{size}.png" if context.is_main else None
-        optimizer, group_lrs = _differential_optimizer(
+        optimizer, group_lrs, lr_source = _differential_optimizer(
             fit_params,
             model,
             trained,
@@ -294,7 +396,7 @@ def _fit_images(
             [file_md5(path) for path in inputs],
             file_md5(reorganised / "manifest.csv"),
         )
-        history = fit(
+        result = fit(
             trained,
             optimizer,
             plan=plan,
@@ -306,20 +408,31 @@ def _fit_images(
             context=context,
             description=f"{stage} size {size}",
         )
-        histories += [{**record, "size": size} for record in history]
+        offset = len(histories)
+        histories += [
+            {**record, "epoch": offset + record["epoch"], "size": size} for record in result.history
+        ]
+        kept = {**result.kept, "epoch": offset + result.kept.get("epoch", 0)}
         lrs.append(group_lrs)
         if checkpoint is not None:
+            checkpoints.append(checkpoint)
             inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
     if context.is_main:
         save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
-        for index, record in enumerate(histories):
-            record["epoch"] = index + 1
         write_stage_results(
             histories,
-            lr=lrs[-1] if len(lrs[-1]) > 1 else lrs[-1][0],
             outputs=outputs,
-            extra={"image_size": sizes[-1]},
+            extra={
+                "lr": lrs[-1] if len(lrs[-1]) > 1 else lrs[-1][0],
+                "lr_source": lr_source,
+                "image_size": sizes[-1],
+            },
+            kept=kept if fit_params.keep == "best_cycle_end" else None,
         )
+        # A checkpoint only serves to resume an interrupted run: once the stage is done, none is left to be
+        # mistaken for this run's result by a later one.
+        for path in checkpoints:
+            path.unlink(missing_ok=True)
 
 
 def _differential_optimizer(
@@ -333,8 +446,9 @@ def _differential_optimizer(
     plot_path: Path | None,
     sweep: HeadSweep | None,
     context: DistributedContext,
-) -> tuple[Optimizer, list[float]]:
-    """An optimizer over the trainable layer groups, each at the top lr / lr_ratio^(groups above it)."""
+) -> tuple[Optimizer, list[float], str]:
+    """An optimizer over the trainable layer groups, each at the top lr / lr_ratio^(groups above it); also
+    where the top lr came from (choose_lr)."""
     group_parameter_lists = group_parameters(model)
     optimizer = make_optimizer(
         group_parameter_lists,
@@ -342,14 +456,20 @@ def _differential_optimizer(
         kind=fit_params.optimizer,
         weight_decay=fit_params.weight_decay,
     )
-    sweep_model, sweep_loader, sweep_settings = trained, loader, settings
-    if sweep is not None:  # only the head trains, so the optimizer holds just its parameters
+    sweep_model, sweep_loader, sweep_settings, sweep_optimizer = trained, loader, settings, optimizer
+    if sweep is not None:  # the head alone, on the activations, with an optimizer of its own
         sweep_model, sweep_loader = sweep.head, sweep.loader
-        sweep_settings = replace(settings, train_mode=nn.Module.train)  # the head alone: plain train mode
-    top_lr, _ = choose_lr(
+        sweep_settings = replace(settings, train_mode=nn.Module.train)
+        sweep_optimizer = make_optimizer(
+            [list(sweep.head.parameters())],
+            [1.0],
+            kind=fit_params.optimizer,
+            weight_decay=fit_params.weight_decay,
+        )
+    top_lr, source = choose_lr(
         fit_params,
         model=sweep_model,
-        optimizer=optimizer,
+        optimizer=sweep_optimizer,
         loader=sweep_loader,
         settings=sweep_settings,
         plot_path=plot_path,
@@ -361,7 +481,7 @@ def _differential_optimizer(
     trainable_lrs = [lr for lr, group in zip(all_lrs, group_parameter_lists, strict=True) if group]
     for group, lr in zip(optimizer.param_groups, trainable_lrs, strict=True):
         group["initial_lr"] = lr
-    return optimizer, trainable_lrs
+    return optimizer, trainable_lrs, source
 
 
 def _checkpoint_path(outputs: StageOutputs, size: int) -> Path | None:

@@ -98,8 +98,8 @@ class ModelParams:
     )
     pretrained: bool = True
     weights_file: str | None = None
-    head_hidden: tuple[int, ...] = (512,)
-    head_dropout: tuple[float, ...] = (0.25, 0.5)
+    head_hidden: tuple[int, ...] = ()
+    head_dropout: tuple[float, ...] = (0.25,)
     frozen_bn: Literal["eval", "train"] = "eval"
 
     def __post_init__(self) -> None:
@@ -130,9 +130,11 @@ class LrFindParams:
     end_lr: float = 10.0
     num_steps: int = 100
     suggestion: Literal["valley", "minimum", "steep"] = "valley"
+    fallback_lr: float = 1e-3  # used, with a warning, when the curve gives no suggestion
 
     def __post_init__(self) -> None:
         _check(self.start_lr > 0, "start_lr", self.start_lr, "> 0")
+        _check(self.fallback_lr > 0, "fallback_lr", self.fallback_lr, "> 0")
         _check(self.end_lr > self.start_lr, "end_lr", self.end_lr, f"> start_lr ({self.start_lr})")
         _check(self.num_steps >= 10, "num_steps", self.num_steps, ">= 10")
 
@@ -164,9 +166,27 @@ class FitParams:
 
 
 @dataclass(frozen=True)
+class HeadParams(FitParams):
+    """train_head: `lbfgs` fits a linear head (logistic regression) full-batch, its L2 penalty `l2` chosen by
+    `cv_folds`-fold cross-validation on the training rows; `epochs` trains any head with lr and schedule."""
+
+    method: Literal["lbfgs", "epochs"] = "lbfgs"
+    l2: float | Literal["auto"] = "auto"
+    cv_folds: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l2 != "auto":
+            _check(self.l2 > 0, "l2", self.l2, "a positive number or auto")
+        _check(self.cv_folds >= 2, "cv_folds", self.cv_folds, ">= 2")
+
+
+@dataclass(frozen=True)
 class AugmentedFitParams(FitParams):
     augmentation: Literal["side_on", "top_down", "none"] = "side_on"
     max_zoom: float = 1.1
+    # best_cycle_end: the weights at the cycle end (or the start) with the lowest valid log loss; last_epoch
+    keep: Literal["best_cycle_end", "last_epoch"] = "best_cycle_end"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -192,6 +212,7 @@ class PredictParams:
     n_aug: int = 4
     beta: float = 0.25
     top_losses: int = 16
+    calibration: Literal["none", "temperature"] = "none"  # temperature: one T fitted on valid (log loss)
 
     def __post_init__(self) -> None:
         _check(self.n_aug >= 0, "n_aug", self.n_aug, ">= 0")
@@ -210,11 +231,18 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     precompute: PrecomputeParams = field(default_factory=PrecomputeParams)
-    train_head: FitParams = field(default_factory=FitParams)
+    train_head: HeadParams = field(default_factory=HeadParams)
     train_augmented: AugmentedFitParams = field(default_factory=AugmentedFitParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     predict_tta: PredictParams = field(default_factory=PredictParams)
     submission: SubmissionParams = field(default_factory=SubmissionParams)
+
+    def __post_init__(self) -> None:
+        if self.train_head.method == "lbfgs" and self.model.head_hidden:
+            raise ParamsError(
+                f"model.head_hidden: {list(self.model.head_hidden)} but train_head.method lbfgs fits a linear "
+                "head; set model.head_hidden: [] (and one head_dropout), or train_head.method: epochs"
+            )
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

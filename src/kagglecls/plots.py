@@ -134,14 +134,34 @@ def _save(figure: Figure, path: Path) -> None:
 
 
 @_drawn_by_child_if_any
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], *, suggested: float, path: Path) -> None:
+def plot_lr_find(
+    lrs: Sequence[float], losses: Sequence[float], *, suggested: float | None, path: Path
+) -> None:
     figure = _figure(figsize=(6, 4))
     axes = figure.subplots()
     axes.plot(lrs, losses)
-    axes.axvline(suggested, color="red", linestyle="--", label=f"suggested lr {suggested:.2e}")
+    if suggested is not None:
+        axes.axvline(suggested, color="red", linestyle="--", label=f"suggested lr {suggested:.2e}")
+        axes.legend()
+    else:
+        axes.set_title("no suggestion: the loss never fell")
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (log scale)")
     axes.set_ylabel("smoothed loss")
+    _save(figure, path)
+
+
+@_drawn_by_child_if_any
+def plot_history(history: Sequence[dict], *, best_epoch: int, path: Path) -> None:
+    """Train and valid loss per epoch, the kept epoch marked (0: the weights the stage started from)."""
+    figure = _figure(figsize=(6, 4))
+    axes = figure.subplots()
+    epochs = [record["epoch"] for record in history]
+    axes.plot(epochs, [record["train_loss"] for record in history], label="train loss")
+    axes.plot(epochs, [record["valid_log_loss"] for record in history], label="valid log loss")
+    axes.axvline(best_epoch, color="red", linestyle="--", label=f"kept: epoch {best_epoch}")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
     axes.legend()
     _save(figure, path)
 

@@ -30,6 +30,13 @@ def sgdr_epochs(*, n_cycle: int, cycle_len: float, cycle_mult: float) -> float:
     return sum(sgdr_cycle_lengths(n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult))
 
 
+def sgdr_cycle_ends(*, n_cycle: int, cycle_len: float, cycle_mult: float) -> list[int]:
+    """The epochs (1-based, rounded) at which each cycle ends: 1, 3, 7 for 3 cycles, len 1, mult 2."""
+    lengths = sgdr_cycle_lengths(n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult)
+    ends = [round(sum(lengths[: index + 1])) for index in range(n_cycle)]
+    return sorted({max(1, end) for end in ends})
+
+
 def sgdr_total_steps(*, steps_per_epoch: int, n_cycle: int, cycle_len: float, cycle_mult: float) -> int:
     lengths = sgdr_cycle_lengths(n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult)
     return sum(_cycle_steps(length, steps_per_epoch) for length in lengths)

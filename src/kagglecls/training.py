@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,27 @@ class FitPlan:
     steps_per_epoch: int
     schedule: Schedule
     seed: int
+    # Epochs whose weights may be kept (SGDR's cycle ends; 0: the weights the fit starts from): the fit ends
+    # with the weights of the one with the lowest valid log loss. Empty: the last epoch's weights.
+    snapshot_epochs: tuple[int, ...] = ()
+
+
+@dataclass
+class Snapshot:
+    record: dict[str, float]  # epoch and valid figures
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, record: dict[str, float]) -> Snapshot:
+        state = {key: value.detach().clone() for key, value in _unwrapped(model).state_dict().items()}
+        return cls(record=dict(record), state=state)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: list[dict[str, float]]
+    kept: dict[str, float]  # the record (epoch, valid figures) of the weights the model ends with; epoch 0:
+    # the weights it started from
 
 
 def fit(
@@ -240,33 +262,26 @@ def fit(
     fingerprint: str = "",
     context: DistributedContext = SINGLE_PROCESS,
     description: str = "fit",
-) -> list[dict[str, float]]:
+) -> FitResult:
     """Train for plan.epochs epochs, evaluating after each; saves a checkpoint every epoch and resumes from it.
 
     Each epoch reseeds from (seed, epoch), so a run resumed after epoch e ends with the same weights as one
-    that was never stopped.
+    that was never stopped. With plan.snapshot_epochs, the best of those epochs' weights (by valid log loss)
+    is kept and loaded at the end: the lesson's "train until it over-fits", judged at SGDR's cycle ends.
     """
-    history, start_epoch = _resume(checkpoint, fingerprint, model, optimizer)
+    history, start_epoch, best = _resume(checkpoint, fingerprint, model, optimizer)
+    if 0 in plan.snapshot_epochs and start_epoch == 0 and context.is_main:
+        start = {"epoch": 0, **evaluate(_unwrapped(model), valid_loader, settings=settings)}
+        log.info("%s before training: %s", description, _format(start))
+        best = Snapshot.of(model, start)
     for epoch in range(start_epoch, plan.epochs):
-        torch.manual_seed(plan.seed * 7_919 + epoch)
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        record = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            schedule=plan.schedule,
-            first_step=epoch * plan.steps_per_epoch,
-            settings=settings,
-            context=context,
-            description=f"{description} epoch {epoch + 1}/{plan.epochs}",
+        record = _one_epoch(
+            model, optimizer, plan, epoch, train_loader, valid_loader, settings, context, description
         )
-        record = {"epoch": epoch + 1, "train_loss": record["train_loss"]}
-        if context.is_main:
-            record.update(evaluate(_unwrapped(model), valid_loader, settings=settings))
-            log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
         history.append(record)
+        if context.is_main and epoch + 1 in plan.snapshot_epochs:
+            if best is None or record["valid_log_loss"] < best.record["valid_log_loss"]:
+                best = Snapshot.of(model, record)
         if checkpoint is not None and context.is_main:
             save_checkpoint(
                 checkpoint,
@@ -275,10 +290,48 @@ def fit(
                 epoch=epoch + 1,
                 history=history,
                 fingerprint=fingerprint,
+                best=best,
             )
         if context.enabled:
             dist.barrier()
-    return history
+    kept = history[-1] if history else {}
+    if plan.snapshot_epochs:
+        kept = _load_best(model, best, context) or kept
+    return FitResult(history=history, kept=kept)
+
+
+def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settings, context, description):  # noqa: ANN001, ANN202, PLR0913
+    torch.manual_seed(plan.seed * 7_919 + epoch)
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    record = train_one_epoch(
+        model,
+        train_loader,
+        optimizer,
+        schedule=plan.schedule,
+        first_step=epoch * plan.steps_per_epoch,
+        settings=settings,
+        context=context,
+        description=f"{description} epoch {epoch + 1}/{plan.epochs}",
+    )
+    record = {"epoch": epoch + 1, "train_loss": record["train_loss"]}
+    if context.is_main:
+        record.update(evaluate(_unwrapped(model), valid_loader, settings=settings))
+        log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
+    return record
+
+
+def _load_best(model: nn.Module, best: Snapshot | None, context: DistributedContext) -> dict[str, float]:
+    """Load the kept snapshot: rank 0 chose it, every rank gets its weights. Returns its record ({} on the
+    other ranks, which have no valid figures)."""
+    if context.is_main and best is not None:
+        _unwrapped(model).load_state_dict(best.state)
+        log.info("kept the weights of epoch %d: %s", best.record["epoch"], _format(best.record))
+    if context.enabled:
+        for tensor in _unwrapped(model).state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return best.record if context.is_main and best is not None else {}
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -300,6 +353,7 @@ def save_checkpoint(
     epoch: int,
     history: list[dict[str, float]],
     fingerprint: str,
+    best: Snapshot | None = None,
 ) -> None:
     state = {
         "model": model.state_dict(),
@@ -308,6 +362,8 @@ def save_checkpoint(
         "history_json": json.dumps(history),
         "fingerprint": fingerprint,
     }
+    if best is not None:
+        state.update(best_record_json=json.dumps(best.record), best_model=best.state)
     save_atomic(state, path)
 
 
@@ -324,22 +380,33 @@ def save_atomic(state: dict, path: Path) -> None:
 
 def _resume(
     checkpoint: Path | None, fingerprint: str, model: nn.Module, optimizer: optim.Optimizer
-) -> tuple[list[dict[str, float]], int]:
+) -> tuple[list[dict[str, float]], int, Snapshot | None]:
     if checkpoint is None or not checkpoint.is_file():
-        return [], 0
+        return [], 0, None
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
-        log.info("checkpoint %s is from other inputs or params: starting over", checkpoint)
-        return [], 0
+        log.info("checkpoint %s is from other inputs, params or code: starting over", checkpoint)
+        return [], 0, None
     _unwrapped(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
-    return json.loads(state["history_json"]), int(state["epoch"])
+    best = None
+    if "best_model" in state:
+        best = Snapshot(record=json.loads(state["best_record_json"]), state=state["best_model"])
+    return json.loads(state["history_json"]), int(state["epoch"]), best
 
 
 def fingerprint_of(*parts: object) -> str:
-    """A short hash of the params and input hashes a checkpoint belongs to."""
-    return hashlib.sha256(json.dumps([str(part) for part in parts]).encode()).hexdigest()[:16]
+    """A short hash of what a checkpoint's weights depend on: the given parts (params, input hashes) and the
+    code, this package's sources and the running script, so that a checkpoint left by other code is never
+    resumed."""
+    digest = hashlib.sha256(json.dumps([str(part) for part in parts]).encode())
+    script = Path(sys.argv[0])
+    sources = sorted(Path(__file__).parent.glob("*.py")) + ([script] if script.suffix == ".py" else [])
+    for path in sources:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- lr_find
@@ -466,10 +533,24 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
 SUGGESTERS = {"valley": suggest_valley, "minimum": suggest_minimum, "steep": suggest_steep}
 
 
-def suggest_lr(result: LrFindResult, method: str) -> float:
+# A sweep whose smoothed loss never falls this much below its first value has nothing to suggest from: a flat
+# curve, or a model already at its minimum (a trained head), whose loss only rises as the lr grows.
+MIN_RELATIVE_FALL = 0.01
+
+
+def suggest_lr(result: LrFindResult, method: str) -> float | None:
+    """The suggested lr, or None where the curve cannot give one (too few steps, or a loss that never fell)."""
     lrs, losses = suggestion_window(result.lrs, result.losses)
     if len(lrs) < 3:
-        raise RuntimeError(
-            f"lr_find stopped after {len(result.lrs)} steps: too few to suggest an lr; set a fixed lr"
-        )
+        return None
+    first, lowest = float(losses[0]), float(np.nanmin(losses))
+    if not first - lowest > MIN_RELATIVE_FALL * abs(first):
+        return None
     return SUGGESTERS[method](list(lrs), list(losses))
+
+
+def why_no_suggestion(result: LrFindResult) -> str:
+    steps = len(result.lrs)
+    if len(suggestion_window(result.lrs, result.losses)[0]) < 3:
+        return f"the sweep stopped after {steps} steps, too few to read"
+    return f"the loss never fell by {MIN_RELATIVE_FALL:.0%} over {steps} steps"
