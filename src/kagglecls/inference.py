@@ -18,6 +18,27 @@ def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: flo
     return (1 - beta) * np.mean(np.stack(augmented), axis=0) + beta * plain
 
 
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T): T > 1 softens over-confident probabilities, T < 1 sharpens; the argmax is kept."""
+    logits = np.log(np.clip(probabilities, 1e-15, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(logits)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    """Temperature scaling (Guo et al., 2017): the one T in [0.1, 10] minimising the log loss of
+    apply_temperature(probabilities, T) against `targets`."""
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_temperature: float) -> float:
+        calibrated = apply_temperature(probabilities, float(np.exp(log_temperature)))
+        return float(-np.mean(np.log(np.clip(calibrated[np.arange(len(targets)), targets], 1e-15, 1.0))))
+
+    found = minimize_scalar(loss, bounds=(np.log(0.1), np.log(10.0)), method="bounded")
+    return float(np.exp(found.x))
+
+
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, *, n_classes: int) -> np.ndarray:
     """counts[true, predicted]."""
     counts = np.zeros((n_classes, n_classes), dtype=np.int64)

@@ -60,6 +60,16 @@ def predict_tta(
         "valid_accuracy_no_tta": accuracy(valid_plain, targets),
         "n_aug": params.predict_tta.n_aug,
     }
+    temperature = None
+    if params.predict_tta.calibration == "temperature":
+        # Fitted on valid, so the calibrated valid figure flatters; the test predictions get the same T.
+        temperature = inference.fit_temperature(valid, targets)
+        valid = inference.apply_temperature(valid, temperature)
+        report.update(
+            valid_log_loss_uncalibrated=report["valid_log_loss"],
+            valid_log_loss=log_loss(valid, targets),
+            temperature=temperature,
+        )
     _interpret(params, valid, splits["valid"], classes, reorganised, cache_dir, plots_dir)
     plots.write_json(report, metrics)
     test = splits["test"]
@@ -68,6 +78,8 @@ def predict_tta(
         if test.rows
         else np.zeros((0, len(classes)))
     )
+    if temperature is not None:
+        test_probabilities = inference.apply_temperature(test_probabilities, temperature)
     _save_predictions(predictions, ids=[row.id for row in test.rows], probabilities=test_probabilities)
     log.info(
         "predict_tta: valid log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
