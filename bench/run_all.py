@@ -1,13 +1,17 @@
 """Every benchmark of issue 6 with one command, then a summary table of the headline figures.
 
-Quick by default (about 20 minutes on an idle 2-core machine); `--full` runs the Dog-Breed-sized data
-(20,000 jpgs), both fastai competitions and image sizes up to 224 (about an hour). Each timing first waits
-(up to --max-wait seconds) for the machine to be idle and reports the cores other work used meanwhile. fastai is installed from
-requirements-bench.txt into .venv/fastai-bench when missing (never into .venv). Benchmarks print figures and
-whether a target was met; nothing here fails on a figure, only on a benchmark that could not run.
+Quick by default (about 20 minutes on an idle 2-core machine, plus about 20 for the recipe benchmark's two
+seeds of six competitions); `--full` runs the Dog-Breed-sized data (20,000 jpgs), both fastai competitions,
+image sizes up to 224 and the recipe benchmark's five seeds (about an hour, plus about 45 minutes). Each
+timing first waits (up to --max-wait seconds) for the machine to be idle and reports the cores other work
+used meanwhile. fastai is installed from requirements-bench.txt into .venv/fastai-bench when missing (never
+into .venv); scikit-image, whose photos the recipe benchmark's suite uses, into .venv by bench/recipe.py.
+Benchmarks print figures and whether a target was met; nothing here fails on a figure, only on a benchmark
+that could not run (the recipe benchmark counts a failed pipeline run as one).
 
 Run from the repository root:
-    .venv/bin/python bench/run_all.py [--full] [--only images precompute allocator fastai scale dvc] [--workdir DIR]
+    .venv/bin/python bench/run_all.py [--full] [--only images precompute allocator fastai scale dvc recipe]
+        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("images", "precompute", "allocator", "fastai", "scale", "dvc")
+NAMES = ("images", "precompute", "allocator", "fastai", "scale", "dvc", "recipe")
+SCRIPTS = {"recipe": "recipe.py"}  # the others are bench_<name>.py
 
 
 def bench_arguments(name: str, *, full: bool, workdir: Path) -> list[str]:
@@ -39,6 +44,7 @@ def bench_arguments(name: str, *, full: bool, workdir: Path) -> list[str]:
         "fastai": (["--competitions", "sample"], ["--competitions", "sample", "class_folders"]),
         "scale": (["--scales", "0.02", "0.05", "0.1"], ["--scales", "0.1", "0.5", "1"]),
         "dvc": (["--scales", "0.1"], ["--scales", "1"]),
+        "recipe": (["--quick"], []),
     }
     arguments = quick_and_full[name][1 if full else 0]
     if name in ("scale", "dvc"):
@@ -48,7 +54,7 @@ def bench_arguments(name: str, *, full: bool, workdir: Path) -> list[str]:
 
 def run_bench(name: str, *, full: bool, workdir: Path, max_wait: float) -> dict:
     """Runs bench_<name>.py, its output passed through; returns its JSON figures (when it writes them)."""
-    script = BENCH_DIR / f"bench_{name}.py"
+    script = BENCH_DIR / SCRIPTS.get(name, f"bench_{name}.py")
     json_path = workdir / f"{name}.json"
     command = [str(common.main_python()), str(script), *bench_arguments(name, full=full, workdir=workdir)]
     if name != "images":  # bench_images.py prints its figures only and does not wait for a quiet machine
@@ -120,6 +126,17 @@ def headline_scale(run: dict) -> str:
     return f"{largest['images']} jpgs: {seconds}; peak RSS {peaks}; {growth} -> peak RSS {flat}"
 
 
+def headline_recipe(run: dict) -> str:
+    """Per competition: the pipeline's test log loss (its submission) against the logistic baseline's."""
+    parts = []
+    for summary in run["figures"]["summary"]:
+        ours, baseline = summary["submission"]["test_log_loss"], summary["baseline"]["test_log_loss"]
+        figures = " vs ".join(f"{figure['mean']:.3f}" if figure else "-" for figure in (ours, baseline))
+        failed = f", {summary['failed']}/{summary['runs']} runs failed" if summary["failed"] else ""
+        parts.append(f"{summary['competition']} {figures}{failed}")
+    return "test log loss, pipeline vs logistic baseline: " + "; ".join(parts)
+
+
 def headline_dvc(run: dict) -> str:
     return "; ".join(
         f"{r['tracked_files']} files in outs: no-op repro {min(r['noop_repro_seconds']):.1f} s, "
@@ -135,6 +152,7 @@ HEADLINES: dict[str, Callable[[dict], str]] = {
     "fastai": headline_fastai,
     "scale": headline_scale,
     "dvc": headline_dvc,
+    "recipe": headline_recipe,
 }
 
 
