@@ -239,7 +239,10 @@ class Snapshot:
 
     @classmethod
     def of(cls, model: nn.Module, record: dict[str, float]) -> Snapshot:
-        state = {key: value.detach().clone() for key, value in _unwrapped(model).state_dict().items()}
+        # On the CPU: a snapshot of a large model does not take GPU memory the training needs.
+        state = {
+            key: value.detach().to("cpu", copy=True) for key, value in _unwrapped(model).state_dict().items()
+        }
         return cls(record=dict(record), state=state)
 
 
