@@ -159,6 +159,20 @@ def test_train_one_epoch_sets_each_groups_lr_from_the_schedule():
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-2 / 16, 1e-1 / 16])
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_train_one_epoch_smooths_the_training_targets(smoothing):
+    torch.manual_seed(0)
+    model = nn.Linear(4, N_CLASSES)
+    ((inputs, targets),) = _batches(1)
+    expected = nn.functional.cross_entropy(model(inputs), targets, label_smoothing=smoothing).item()
+    optimizer = make_optimizer([list(model.parameters())], [1e-2], kind="sgd", weight_decay=0.0)
+    record = train_one_epoch(
+        model, [(inputs, targets)], optimizer, schedule=Schedule(1, lambda step: 1.0), first_step=0,
+        settings=CPU, label_smoothing=smoothing,
+    )  # fmt: skip
+    assert record["train_loss"] == pytest.approx(expected, rel=1e-6)  # the loss of the step, before it
+
+
 def test_make_optimizer_drops_empty_groups_and_keeps_peaks():
     model = _tiny_model()
     optimizer = make_optimizer([[], list(model.parameters())], [1e-4, 1e-3], kind="adam", weight_decay=0.01)

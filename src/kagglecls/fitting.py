@@ -122,6 +122,7 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
         schedule=schedule,
         seed=seed,
         snapshot_epochs=snapshots,
+        label_smoothing=getattr(fit_params, "label_smoothing", 0.0),
     )
 
 

@@ -187,10 +187,12 @@ class AugmentedFitParams(FitParams):
     max_zoom: float = 1.1
     # best_cycle_end: the weights at the cycle end (or the start) with the lowest valid log loss; last_epoch
     keep: Literal["best_cycle_end", "last_epoch"] = "best_cycle_end"
+    label_smoothing: float = 0.0  # of the training targets: caps the model's confidence
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.max_zoom >= 1, "max_zoom", self.max_zoom, ">= 1")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "[0, 1)")
 
 
 @dataclass(frozen=True)

@@ -162,10 +162,11 @@ def train_one_epoch(
     settings: StepSettings,
     context: DistributedContext = SINGLE_PROCESS,
     description: str = "train",
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `loader`; the lr at global step s is each group's peak lr x schedule.factor_at(s)."""
     settings.train_mode(model)
-    loss_function = nn.CrossEntropyLoss()
+    loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     total_loss, total_items, step = 0.0, 0, first_step
     for inputs, targets in tqdm(loader, desc=description, leave=False, disable=not context.is_main):
         set_lr_factor(optimizer, schedule.factor_at(step))
@@ -230,6 +231,7 @@ class FitPlan:
     # Epochs whose weights may be kept (SGDR's cycle ends; 0: the weights the fit starts from): the fit ends
     # with the weights of the one with the lowest valid log loss. Empty: the last epoch's weights.
     snapshot_epochs: tuple[int, ...] = ()
+    label_smoothing: float = 0.0  # of the training loss (nn.CrossEntropyLoss); valid figures never smooth
 
 
 @dataclass
@@ -317,6 +319,7 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
         settings=settings,
         context=context,
         description=f"{description} epoch {epoch + 1}/{plan.epochs}",
+        label_smoothing=plan.label_smoothing,
     )
     record = {"epoch": epoch + 1, "train_loss": record["train_loss"]}
     if context.is_main:
