@@ -234,16 +234,21 @@ def fit_linear_head(
     return {"train_loss": train_loss, "l2": fitted.l2, "cv_log_loss": fitted.cv_log_loss}
 
 
-def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, outputs):  # noqa: ANN001, ANN202
-    """fastai's way: lr_find on the activations, then SGDR epochs of mini-batches."""
-    fit_params = params.train_head
-    train_loader = feature_loader(
+def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):  # noqa: ANN202
+    """Shuffled mini-batches of the training activations, at the stage's batch size."""
+    return feature_loader(
         features_dir / "train.npy",
-        splits["train"].labels,
+        labels,
         batch_size=fit_params.batch_size or params.base.batch_size,
         shuffle=True,
         seed=params.base.seed,
     )
+
+
+def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, outputs):  # noqa: ANN001, ANN202
+    """fastai's way: lr_find on the activations, then SGDR epochs of mini-batches."""
+    fit_params = params.train_head
+    train_loader = _training_features(params, fit_params, features_dir, splits["train"].labels)
     optimizer = make_optimizer(
         [list(head.parameters())], [1.0], kind=fit_params.optimizer, weight_decay=fit_params.weight_decay
     )
@@ -294,13 +299,7 @@ def train_augmented(
     sweep = None
     if fit_params.lr == "auto" and params.model.frozen_bn == "eval":
         splits, _ = load_splits(reorganised)
-        features = feature_loader(
-            features_dir / "train.npy",
-            splits["train"].labels,
-            batch_size=fit_params.batch_size or params.base.batch_size,
-            shuffle=True,
-            seed=params.base.seed,
-        )
+        features = _training_features(params, fit_params, features_dir, splits["train"].labels)
         sweep = HeadSweep(head=_freshly_initialised(model.head), loader=features)
     _fit_images(
         params,
