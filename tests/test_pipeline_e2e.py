@@ -66,6 +66,19 @@ def test_train_head_param_reruns_from_train_head_on(project: Path) -> None:
     assert "valid_log_loss" in shown.splitlines()[0]
 
 
+def test_train_augmented_with_lr_auto_gives_the_same_weights_twice(project: Path) -> None:
+    """Same machine, params and seed, same result: the sweep's fresh head included."""
+    run(["dvc", "exp", "run", "-S", "train_augmented.lr=auto"], project)
+    first = (project / "models/augmented.pt").read_bytes()
+    assert yaml.safe_load((project / "metrics/train_augmented.json").read_text())["lr_source"] in (
+        "lr_find",
+        "fallback",
+    )
+    output = run(["dvc", "repro", "-f", "-s", "train_augmented"], project)
+    assert stages_run(output) == ["train_augmented"]
+    assert (project / "models/augmented.pt").read_bytes() == first
+
+
 def test_resnet34_from_random_weights_runs_to_a_valid_submission(project: Path) -> None:
     run(["dvc", "exp", "run", "-S", "model.arch=resnet34", "-S", "model.pretrained=false"], project)
     sample = pd.read_csv(project / "data/raw/sample_submission.csv", dtype={"id": str})

@@ -294,6 +294,7 @@ def train_augmented(
     the images.
     """
     fit_params = params.train_augmented
+    seed_everything(params.base.seed)  # before the sweep's fresh head is initialised
     model, classes = load_classifier(params, head_path=head_path, weights_key="head")
     freeze_to(model, -1, frozen_bn=params.model.frozen_bn)
     sweep = None
