@@ -10,7 +10,7 @@ Benchmarks print figures and whether a target was met; nothing here fails on a f
 that could not run (the recipe benchmark counts a failed pipeline run as one).
 
 Run from the repository root:
-    .venv/bin/python bench/run_all.py [--full] [--only images precompute allocator fastai scale dvc recipe]
+    .venv/bin/python bench/run_all.py [--full] [--only images precompute fastai scale dvc recipe]
         [--workdir DIR]
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("images", "precompute", "allocator", "fastai", "scale", "dvc", "recipe")
+NAMES = ("images", "precompute", "fastai", "scale", "dvc", "recipe")
 SCRIPTS = {"recipe": "recipe.py"}  # the others are bench_<name>.py
 
 
@@ -40,7 +40,6 @@ def bench_arguments(name: str, *, full: bool, workdir: Path) -> list[str]:
     quick_and_full = {
         "images": (["--count", "200", "--repeats", "2"], ["--count", "400", "--repeats", "3"]),
         "precompute": (["--sizes", "64"], ["--sizes", "64", "128", "224"]),
-        "allocator": (["--repeats", "3"], ["--repeats", "5"]),
         "fastai": (["--competitions", "sample"], ["--competitions", "sample", "class_folders"]),
         "scale": (["--scales", "0.02", "0.05", "0.1"], ["--scales", "0.1", "0.5", "1"]),
         "dvc": (["--scales", "0.1"], ["--scales", "1"]),
@@ -87,14 +86,6 @@ def headline_precompute(run: dict) -> str:
     return "; ".join(
         f"size {r['image_size']}: head epoch {r['head_epoch_seconds']:.2f} s vs {r['body_epoch_seconds']:.1f} s "
         f"through the body = {r['ratio']:.0f}x"
-        for r in run["figures"]["results"]
-    )
-
-
-def headline_allocator(run: dict) -> str:
-    return "; ".join(
-        f"{r['case']} {r['image_size']} px: {r['speedup']:.2f}x faster with freed memory kept, "
-        f"{r['memory_ratio']:.2f}x the peak memory"
         for r in run["figures"]["results"]
     )
 
@@ -148,7 +139,6 @@ def headline_dvc(run: dict) -> str:
 HEADLINES: dict[str, Callable[[dict], str]] = {
     "images": headline_images,
     "precompute": headline_precompute,
-    "allocator": headline_allocator,
     "fastai": headline_fastai,
     "scale": headline_scale,
     "dvc": headline_dvc,

@@ -1,7 +1,6 @@
 """kagglecls.cli.run_stage as a stage process sees it: outputs, logs, exit status and how the process ends."""
 
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,6 @@ STAGE = textwrap.dedent(
     from pathlib import Path
     from kagglecls.cli import run_stage, stage_parser
     from kagglecls.errors import UserError
-    from heap import heap_after_a_64_mb_block
 
     atexit.register(lambda: print("interpreter teardown ran", file=sys.stderr, flush=True))
 
@@ -25,9 +23,6 @@ STAGE = textwrap.dedent(
         print("printed to a pipe, so buffered")
         if arguments.mode == "user-error":
             raise UserError("params.yaml: base.seed: expected an integer, found 'x'")
-        if arguments.mode == "allocate":
-            arguments.out.write_text(heap_after_a_64_mb_block())
-            return
         if arguments.mode == "thread":
             def finish():
                 time.sleep(0.3)
@@ -43,36 +38,9 @@ STAGE = textwrap.dedent(
 )
 
 
-# glibc's own account of its memory (mallinfo2, glibc 2.33+): while a 64 MB block is held, how much of
-# the process's memory is in blocks mapped on their own; once it is freed, how much free memory the heap keeps.
-HEAP = textwrap.dedent(
-    """
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-            "keepcost")]
-
-    def heap_after_a_64_mb_block():
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-        mallinfo2.restype = MallInfo2
-        block = ctypes.create_string_buffer(64 * 2**20)
-        mapped_mb = mallinfo2().hblkhd / 2**20
-        del block
-        return f"{mapped_mb:.1f} {mallinfo2().fordblks / 2**20:.1f}"  # MB mapped on their own, MB kept free
-    """
-)
-GLIBC_233 = platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split("."))) >= (
-    2,
-    33,
-)
-
-
 def _run_stage(tmp_path: Path, mode: str, **environment: str) -> subprocess.CompletedProcess:
     script = tmp_path / "stage.py"
     script.write_text(STAGE)
-    (tmp_path / "heap.py").write_text(HEAP)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("seed: 42", "seed: 7"))
     env = {key: value for key, value in os.environ.items() if key != "WORLD_SIZE"}
     env.update(PYTHONPATH=str(ROOT / "src"), **environment)
@@ -115,22 +83,3 @@ def test_a_user_error_exits_2_with_one_line_and_writes_nothing(tmp_path):
         "interpreter teardown ran",
     ]
     assert not (tmp_path / "out.txt").exists()
-
-
-@pytest.mark.skipif(not GLIBC_233, reason="glibc's malloc (2.33+ for mallinfo2)")
-def test_a_stage_keeps_freed_memory_for_reuse_instead_of_mapping_each_large_block(tmp_path):
-    result = _run_stage(tmp_path, "allocate")
-    assert result.returncode == 0, result.stderr
-    mapped_mb, kept_free_mb = map(float, (tmp_path / "out.txt").read_text().split())
-    assert mapped_mb < 64 and kept_free_mb >= 64
-    # The same block in a process left as glibc starts it: mapped on its own, handed back when freed.
-    (tmp_path / "heap.py").write_text(HEAP)
-    plain = subprocess.run(
-        [sys.executable, "-c", "from heap import heap_after_a_64_mb_block as h; print(h())"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    mapped_mb, kept_free_mb = map(float, plain.stdout.split())
-    assert mapped_mb >= 64 and kept_free_mb < 64

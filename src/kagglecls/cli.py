@@ -14,7 +14,6 @@ from pathlib import Path
 
 from kagglecls import plots
 from kagglecls.errors import UserError
-from kagglecls.memory import keep_freed_memory
 from kagglecls.params import Params, load_params
 
 log = logging.getLogger("kagglecls")
@@ -39,9 +38,8 @@ def run_stage(
 
     A stage that `draws_figures` has them drawn by a child process (plots.drawn_in_background) started
     here, before `body` imports torch, so that matplotlib's import and the drawing overlap the stage's work;
-    only the first process of a torchrun draws (the others write nothing). Freed memory is kept for reuse
-    (keep_freed_memory). A stage that succeeds ends at once (end_without_teardown)."""
-    keep_freed_memory()
+    only the first process of a torchrun draws (the others write nothing).
+    A stage that succeeds ends at once (end_without_teardown)."""
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )

@@ -29,7 +29,6 @@ from kagglecls.manifest import (  # noqa: F401 - re-exported: data is where load
     stratified_split,
     write_manifest,
 )
-from kagglecls.memory import release_freed_memory
 
 # Bump when the way cached images are made changes, so old caches are never read for new ones.
 CACHE_VERSION = "v1"
@@ -300,8 +299,6 @@ class BackgroundLoader(DataLoader):
     """
 
     def __iter__(self) -> Iterator:
-        if self.num_workers > 0 and (not self.persistent_workers or self._iterator is None):
-            release_freed_memory()  # workers are about to be forked: they need none of the heap kept here
         iterator = super().__iter__()  # made here, in the caller's thread, as the plain DataLoader does
         return iterator if self.num_workers > 0 else _in_background(iterator, depth=2)
 

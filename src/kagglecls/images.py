@@ -30,7 +30,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from kagglecls.errors import UserError
-from kagglecls.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +280,6 @@ def _map_in_workers(
         return [function(item) for item in progress(items)]
     # Chunks amortise the inter-process traffic; 4 chunks per worker keeps the bar moving and the load even.
     chunk_size = max(1, min(64, len(items) // (workers * 4)))
-    release_freed_memory()  # the workers are forked: they need none of the heap this process keeps
     with ProcessPoolExecutor(max_workers=workers) as executor:
         return list(progress(executor.map(function, items, chunksize=chunk_size)))
 
