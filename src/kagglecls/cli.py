@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import multiprocessing
 import os
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,8 +36,7 @@ def run_stage(
 
     A stage that `draws_figures` has them drawn by a child process (plots.drawn_in_background) started
     here, before `body` imports torch, so that matplotlib's import and the drawing overlap the stage's work;
-    only the first process of a torchrun draws (the others write nothing).
-    A stage that succeeds ends at once (end_without_teardown)."""
+    only the first process of a torchrun draws (the others write nothing)."""
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -53,22 +50,3 @@ def run_stage(
     except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    end_without_teardown()
-
-
-def end_without_teardown() -> None:
-    """End the process now that every output is written and closed, skipping the interpreter's teardown:
-    with torch imported it frees each module and runs the CUDA libraries' destructors, 0.5 s a stage that
-    writes nothing. Logs and standard streams are flushed first. Where something is still running (a child
-    process such as a loader worker, a non-daemon thread) or under torchrun (its process group), returns and
-    leaves the exit to Python, which waits for them."""
-    still_running = multiprocessing.active_children() or any(
-        thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
-        for thread in threading.enumerate()
-    )
-    if still_running or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
