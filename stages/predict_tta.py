@@ -7,6 +7,7 @@ Run by DVC: `python stages/predict_tta.py --reorganised data/reorganised --cache
 
 from pathlib import Path
 
+from kagglecls import predict
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -20,8 +21,6 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
-        from kagglecls import predict  # imported here, once the figures' process has started
-
         predict.predict_tta(
             params=params,
             reorganised=arguments.reorganised,
@@ -32,7 +31,7 @@ def main() -> None:
             predictions=arguments.predictions,
         )
 
-    run_stage("predict_tta", body, parser, draws_figures=True)
+    run_stage("predict_tta", body, parser)
 
 
 if __name__ == "__main__":

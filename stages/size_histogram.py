@@ -6,6 +6,7 @@ Run by DVC: `python stages/size_histogram.py --reorganised data/reorganised --pn
 
 from pathlib import Path
 
+from kagglecls import prepare
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -16,13 +17,11 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
-        from kagglecls import prepare  # imported here, once the figures' process has started
-
         prepare.size_histogram(
             reorganised=arguments.reorganised, png=arguments.png, summary=arguments.summary
         )
 
-    run_stage("size_histogram", body, parser, draws_figures=True)
+    run_stage("size_histogram", body, parser)
 
 
 if __name__ == "__main__":

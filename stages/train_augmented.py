@@ -7,6 +7,7 @@ Run by DVC: `python stages/train_augmented.py --reorganised data/reorganised --c
 
 from pathlib import Path
 
+from kagglecls import fitting
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -21,8 +22,6 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
-        from kagglecls import fitting  # imported here, once the figures' process has started
-
         outputs = fitting.StageOutputs(
             model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
         )
@@ -35,7 +34,7 @@ def main() -> None:
             outputs=outputs,
         )
 
-    run_stage("train_augmented", body, parser, draws_figures=True)
+    run_stage("train_augmented", body, parser)
 
 
 if __name__ == "__main__":

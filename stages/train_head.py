@@ -6,6 +6,7 @@ Run by DVC: `python stages/train_head.py --reorganised data/reorganised --featur
 
 from pathlib import Path
 
+from kagglecls import fitting
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -18,8 +19,6 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, required=True)
 
     def body(arguments, params) -> None:  # noqa: ANN001
-        from kagglecls import fitting  # imported here, once the figures' process has started
-
         outputs = fitting.StageOutputs(
             model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
         )
@@ -27,7 +26,7 @@ def main() -> None:
             params=params, reorganised=arguments.reorganised, features_dir=arguments.features, outputs=outputs
         )
 
-    run_stage("train_head", body, parser, draws_figures=True)
+    run_stage("train_head", body, parser)
 
 
 if __name__ == "__main__":

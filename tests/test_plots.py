@@ -1,6 +1,8 @@
 """The PNG figures and the CSV/JSON files of kagglecls.plots."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -39,36 +41,22 @@ def test_json_and_csv_are_written_whole(tmp_path):
     assert (tmp_path / "t.csv").read_text().splitlines() == ["x,y", "1,2"]
 
 
-def _draw_all(folder):
-    lrs = list(np.geomspace(1e-5, 1.0, 20))
-    plots.plot_lr_find(lrs, [1.0 / (1 + lr) for lr in lrs], suggested=1e-3, path=folder / "lr.png")
-    plots.plot_confusion(np.array([[5, 1], [0, 4]]), ["cat", "dog"], path=folder / "confusion.png")
-    pictures = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
-    plots.plot_image_grid(pictures, ["a", "b", "c"], path=folder / "grid.png")
-
-
-def test_figures_drawn_by_the_child_process_are_the_same_bytes(tmp_path):
-    _draw_all(tmp_path / "here")
-    with plots.drawn_in_background():
-        assert plots._drawer is not None and plots._drawer.poll() is None
-        _draw_all(tmp_path / "child")
-    assert plots._drawer is None
-    for name in ("lr.png", "confusion.png", "grid.png"):
-        assert (tmp_path / "child" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
-    assert sorted(path.name for path in tmp_path.rglob(".*")) == []
-
-
-def test_a_figure_the_child_cannot_write_fails_the_block(tmp_path, capfd):
+def test_a_figure_that_cannot_be_written_raises_and_leaves_no_temporary(tmp_path):
     (tmp_path / "taken").write_text("a file where a folder should be\n")
-    with pytest.raises(RuntimeError, match="drawing the figures failed in the child process"):
-        with plots.drawn_in_background():
-            plots.plot_size_histogram([1, 2], [3, 4], path=tmp_path / "taken" / "sizes.png")
-    assert "FileExistsError" in capfd.readouterr().err  # the child's traceback, on the stage's stderr
+    with pytest.raises(FileExistsError):
+        plots.plot_size_histogram([1, 2], [3, 4], path=tmp_path / "taken" / "sizes.png")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["taken"]
 
 
-def test_an_error_in_the_block_is_raised_as_it_is_once_the_figures_are_drawn(tmp_path):
-    with pytest.raises(KeyError, match="stage failed"):
-        with plots.drawn_in_background():
-            plots.plot_size_histogram([1, 2], [3, 4], path=tmp_path / "sizes.png")
-            raise KeyError("stage failed")
+def test_drawing_leaves_pyplot_unimported(tmp_path):
+    """Figures are drawn on an Agg canvas of their own: no pyplot, so no global figure state or display."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kagglecls import plots\n"
+        f"plots.plot_size_histogram([1, 2], [3, 4], path=Path({str(tmp_path / 'sizes.png')!r}))\n"
+        "print('matplotlib.pyplot' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
     assert _png_size(tmp_path / "sizes.png")[0] > 300
