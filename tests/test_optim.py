@@ -1,14 +1,12 @@
-"""kagglecls.optim against torch.optim, step for step, and its state dict."""
+"""make_optimizer: torch.optim's AdamW and SGD with the recipe's settings, and their state through a checkpoint."""
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from kagglecls import optim
+from kagglecls.training import StepSettings, lr_find, make_optimizer
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -16,117 +14,92 @@ def _model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
 
 
-def _groups(model: nn.Module, lrs: tuple[float, float]) -> list[dict]:
+def _optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     params = list(model.parameters())
-    return [{"params": params[:2], "lr": lrs[0]}, {"params": params[2:], "lr": lrs[1]}]
+    return make_optimizer([params[:2], params[2:]], [1e-2, 3e-3], kind=kind, weight_decay=0.01)
 
 
-def _train(model: nn.Module, optimizer, steps: int, *, first: int = 0) -> None:  # noqa: ANN001
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(8, 3, 8, 8, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, *, first: int = 0) -> None:
     for step in range(first, first + steps):
-        generator = torch.Generator().manual_seed(step)
-        inputs = torch.randn(8, 3, 8, 8, generator=generator)
-        targets = torch.randint(0, 5, (8,), generator=generator)
-        for group_index, group in enumerate(optimizer.param_groups):
-            group["lr"] = (1e-2, 3e-3)[group_index] * (1 - step / 20)  # a schedule moves the lr every step
+        inputs, targets = _batch(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * (1 - step / 20)  # a schedule moves the lr every step
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
 
 
-def _pair(kind: str) -> tuple[nn.Module, object, nn.Module, object]:
-    ours_model, torch_model = _model(), _model()
-    if kind == "adam":
-        ours = optim.AdamW(_groups(ours_model, (1e-2, 3e-3)), betas=(0.9, 0.99), weight_decay=0.01)
-        reference = torch.optim.AdamW(
-            _groups(torch_model, (1e-2, 3e-3)), betas=(0.9, 0.99), weight_decay=0.01, fused=True
-        )
-    else:
-        ours = optim.SGD(_groups(ours_model, (1e-2, 3e-3)), momentum=0.9, weight_decay=0.01)
-        reference = torch.optim.SGD(_groups(torch_model, (1e-2, 3e-3)), momentum=0.9, weight_decay=0.01)
-    return ours_model, ours, torch_model, reference
+def test_the_recipes_settings():
+    model = _model()
+    adam = _optimizer(model, "adam")
+    assert type(adam) is torch.optim.AdamW
+    assert [group["initial_lr"] for group in adam.param_groups] == [1e-2, 3e-3]
+    assert all(group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01 for group in adam.param_groups)
+    sgd = _optimizer(model, "sgd")
+    assert type(sgd) is torch.optim.SGD
+    assert all(group["momentum"] == 0.9 and group["weight_decay"] == 0.01 for group in sgd.param_groups)
+    assert all(group["dampening"] == 0 and not group["nesterov"] for group in sgd.param_groups)
 
 
-@pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_steps_match_torch_optim(kind: str) -> None:
-    ours_model, ours, torch_model, reference = _pair(kind)
-    _train(ours_model, ours, 6)
-    _train(torch_model, reference, 6)
-    for (name, mine), theirs in zip(
-        ours_model.state_dict().items(), torch_model.state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7, msg=name)
-    assert not torch.equal(ours_model[0].weight, _model()[0].weight)  # it did train
-    for mine, theirs in zip(ours.state.values(), reference.state.values(), strict=True):
-        assert mine.keys() == theirs.keys()
+def test_a_first_adamw_step_by_value():
+    """From a fresh state Adam's step is lr x g / (|g| + eps), after the decoupled decay p x (1 - lr x wd)."""
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    optimizer = make_optimizer([list(model.parameters())], [0.1], kind="adam", weight_decay=0.5)
+    model.weight.grad = torch.tensor([[3.0, -1e-3]])
+    optimizer.step()
+    expected = torch.tensor([[1.0 * 0.95 - 0.1, -2.0 * 0.95 + 0.1 * 1e-3 / (1e-3 + 1e-8)]])
+    torch.testing.assert_close(model.weight.detach(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_state_dict_round_trip_resumes_exactly(kind: str) -> None:
-    model, optimizer, _, _ = _pair(kind)
+    model = _model()
+    optimizer = _optimizer(model, kind)
     _train(model, optimizer, 3)
-    saved_model = {key: value.clone() for key, value in model.state_dict().items()}
+    saved_model = copy.deepcopy(model.state_dict())
     saved = copy.deepcopy(optimizer.state_dict())  # as a checkpoint on disk: the live state moves on
     assert [group["params"] for group in saved["param_groups"]] == [[0, 1], [2, 3, 4, 5]]
     _train(model, optimizer, 3, first=3)
 
     resumed_model = _model(seed=1)
     resumed_model.load_state_dict(saved_model)
-    resumed = type(optimizer)(_groups(resumed_model, (1.0, 1.0)))
+    resumed = _optimizer(resumed_model, kind)
     resumed.load_state_dict(saved)
     _train(resumed_model, resumed, 3, first=3)
     for mine, theirs in zip(resumed_model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(mine, theirs)
 
 
-def test_loading_copies_the_state() -> None:
-    """lr_find restores a saved state dict: training afterwards must not write into that saved copy."""
-    model, optimizer, _, _ = _pair("adam")
+def test_training_after_lr_find_is_training_without_it():
+    """lr_find restores the optimizer from a copy of its state: steps after it go as if it never ran."""
+    model, other = _model(), _model()
+    optimizer, untouched = _optimizer(model, "adam"), _optimizer(other, "adam")
     _train(model, optimizer, 2)
-    saved = optimizer.state_dict()
-    optimizer.load_state_dict(saved)
-    before = {number: values["exp_avg"].clone() for number, values in saved["state"].items()}
-    _train(model, optimizer, 2, first=2)
-    for number, values in saved["state"].items():
-        assert torch.equal(values["exp_avg"], before[number])
-
-
-def test_resumes_from_a_torch_optim_checkpoint() -> None:
-    """Checkpoints written before this module (by torch.optim.AdamW) resume to the same weights."""
-    _, _, torch_model, reference = _pair("adam")
-    _train(torch_model, reference, 3)
-    continued = _model(seed=2)
-    continued.load_state_dict(torch_model.state_dict())
-    ours = optim.AdamW(_groups(continued, (1.0, 1.0)), betas=(0.9, 0.99), weight_decay=0.01)
-    ours.load_state_dict(reference.state_dict())
-    _train(torch_model, reference, 2, first=3)
-    _train(continued, ours, 2, first=3)
-    for mine, theirs in zip(continued.state_dict().values(), torch_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
+    _train(other, untouched, 2)
+    settings = StepSettings(device=torch.device("cpu"))
+    lr_find(model, optimizer, [_batch(10)], start_lr=1e-5, end_lr=1.0, num_steps=5, settings=settings)
+    _train(model, optimizer, 3, first=2)
+    _train(other, untouched, 3, first=2)
+    for mine, theirs in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_mismatched_state_dict_is_refused() -> None:
-    model, optimizer, _, _ = _pair("adam")
+    model = _model()
+    optimizer = _optimizer(model, "adam")
     _train(model, optimizer, 1)
-    other = optim.AdamW([{"params": list(model.parameters())}])
-    with pytest.raises(ValueError, match="parameter groups do not match"):
+    other = make_optimizer([list(model.parameters())], [1e-3], kind="adam", weight_decay=0.01)
+    with pytest.raises(ValueError, match="parameter groups"):
         other.load_state_dict(optimizer.state_dict())
 
 
 def test_empty_parameter_list_is_refused() -> None:
     with pytest.raises(ValueError, match="empty parameter list"):
-        optim.AdamW([{"params": []}])
-
-
-def test_training_does_not_import_dynamo() -> None:
-    """The point of the module: a step with it leaves torch._dynamo (1.9 s to import here) unimported."""
-    code = (
-        "import sys, torch\n"
-        "from kagglecls.training import make_optimizer\n"
-        "model = torch.nn.Linear(3, 2)\n"
-        "optimizer = make_optimizer([list(model.parameters())], [0.1], kind='adam', weight_decay=0.01)\n"
-        "model(torch.ones(4, 3)).sum().backward()\n"
-        "optimizer.step()\n"
-        "print('torch._dynamo' in sys.modules)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+        make_optimizer([[], []], [1e-3, 1e-2], kind="adam", weight_decay=0.01)

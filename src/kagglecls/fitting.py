@@ -25,7 +25,6 @@ from kagglecls.loading import (
     to_device,
 )
 from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
-from kagglecls.optim import Optimizer
 from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params
 from kagglecls.schedule import make_schedule, sgdr_cycle_ends, sgdr_epochs
 from kagglecls.training import (
@@ -447,7 +446,7 @@ def _differential_optimizer(
     plot_path: Path | None,
     sweep: HeadSweep | None,
     context: DistributedContext,
-) -> tuple[Optimizer, list[float], str]:
+) -> tuple[torch.optim.Optimizer, list[float], str]:
     """An optimizer over the trainable layer groups, each at the top lr / lr_ratio^(groups above it); also
     where the top lr came from (choose_lr)."""
     group_parameter_lists = group_parameters(model)
