@@ -8,13 +8,12 @@ from torch import nn
 from kagglecls.models import (
     AdaptiveConcatPool2d,
     Classifier,
-    FoldedConv2d,
     ModelError,
-    batchnorm_folded,
     body_is_frozen,
     build_classifier,
     differential_lrs,
     freeze_to,
+    fused_for_inference,
     group_parameters,
     make_head,
     set_train_mode,
@@ -205,106 +204,58 @@ def _package_lite0_pair():
     return original, ours.network
 
 
+def _fused_pairs(model: nn.Module) -> int:
+    """Convs that fused_for_inference turned into conv + BatchNorm, by the Identity left in each BatchNorm's place."""
+    return sum(type(module) is nn.Identity for module in fused_for_inference(model).modules()) - sum(
+        type(module) is nn.Identity for module in model.modules()
+    )
+
+
 @pytest.mark.parametrize("size", [64, 65, 97])
 def test_lite0_body_computes_what_the_package_does_in_eval_mode(size):
-    """Stride-1 convs padded inside the conv, conv + BatchNorm pairs as FoldedConv2d, ReLU6 in place: bit for
-    bit the package's own forward at even and odd sizes, with the same parameter names; folded (for
-    validation and TTA), the same up to rounding."""
+    """Stride-1 convs padded inside the conv, ReLU6 in place: bit for bit the package's own forward at even and
+    odd sizes, with the same parameter names; fused for inference (validation and TTA), the same up to
+    rounding."""
     original, ours = _package_lite0_pair()
-    names = [type(module).__name__ for module in ours.modules()]
-    assert names.count("FoldedConv2d") == 49 and names.count("FoldedBatchNorm2d") == 49
-    assert "Conv2dStaticSamePadding" not in names
+    same_padded = [module for module in ours.modules() if type(module).__name__ == "Conv2dStaticSamePadding"]
+    assert same_padded and all(tuple(module.stride) == (2, 2) for module in same_padded)
     assert list(ours.state_dict()) == [name for name in original.state_dict() if not name.startswith("_fc.")]
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     with torch.no_grad():
         expected = original.eval().extract_features(images)
         got = ours.eval().extract_features(images)
-        with batchnorm_folded(ours):
-            folded = ours.extract_features(images)
+        fused = fused_for_inference(ours).extract_features(images)
     assert torch.equal(got, expected)
-    assert not torch.equal(folded, expected)
-    assert torch.allclose(folded, expected, rtol=1e-4, atol=1e-4)  # folding rounds differently: 1e-5 here
+    assert not torch.equal(fused, expected)
+    assert torch.allclose(fused, expected, rtol=1e-4, atol=1e-4)  # fusing rounds differently: 1e-5 here
 
 
-def test_batchnorm_folded_folds_only_inside_the_block_and_only_in_eval_mode():
+def test_fused_for_inference_fuses_every_conv_batchnorm_pair_of_a_copy():
     _, ours = _package_lite0_pair()
-    # Train mode without randomness; with batch statistics the running ones do not enter the output.
-    ours._global_params = ours._global_params._replace(drop_connect_rate=None)
-    convs = [module for module in ours.modules() if isinstance(module, FoldedConv2d)]
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    ours.eval()
-    with torch.no_grad():
-        before = ours.extract_features(images)
-        with batchnorm_folded(ours):
-            assert all(conv.folded for conv in convs)
-            folded = ours.extract_features(images)
-        assert not any(conv.folded for conv in convs)
-        after = ours.extract_features(images)
-        ours.train()  # batch statistics: nothing to fold, the BatchNorm modules run themselves
-        with batchnorm_folded(ours):
-            batch_folded = ours.extract_features(images)
-    assert torch.equal(before, after) and not torch.equal(before, folded)
-    with torch.no_grad():
-        assert torch.equal(batch_folded, ours.extract_features(images))
+    ours.train()
+    before = _snapshot(ours)
+    fused = fused_for_inference(ours)
+    assert _fused_pairs(ours) == 49  # stem, head, and two or three in each of the 16 blocks
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in fused.modules())
+    assert not fused.training and all(module.training for module in ours.modules())  # the model is left as is
+    assert not _changed(before, ours)["_conv_stem.weight"] and type(ours._bn0) is nn.BatchNorm2d
 
 
-def test_predict_probabilities_folds_batchnorm_and_leaves_it_unfolded():
-    """Validation and TTA use the folded convs; the model comes back unfolded for training."""
+def test_predict_probabilities_runs_the_fused_copy_and_leaves_the_model_as_it_was():
     model = build_classifier(
         "efficientnet_lite0", n_classes=3, pretrained=True, head_hidden=[8], head_dropout=[0.0, 0.0]
-    ).eval()
-    convs = [module for module in model.modules() if isinstance(module, FoldedConv2d)]
+    )
+    before = _snapshot(model)
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
-    seen = []
-    hook = convs[0].register_forward_pre_hook(lambda module, _: seen.append(module.folded))
     probabilities, _ = predict_probabilities(
         model, [(images, torch.zeros(4))], settings=StepSettings(device=torch.device("cpu"))
     )
-    hook.remove()
-    assert seen == [True] and not any(conv.folded for conv in convs)
+    assert model.training and not any(_changed(before, model).values())
     with torch.no_grad():
-        expected = torch.softmax(model(images), dim=1).numpy()
+        fused = torch.softmax(fused_for_inference(model)(images), dim=1).numpy()
+        expected = torch.softmax(model.eval()(images), dim=1).numpy()
+    assert np.array_equal(probabilities, fused)
     assert np.allclose(probabilities, expected, atol=1e-5)
-
-
-@pytest.mark.parametrize(("side", "rings_left_out"), [(2, 1), (3, 0), (1, 2)])
-def test_a_depthwise_conv_on_a_map_smaller_than_its_kernel_gives_the_full_kernels_results_bit_for_bit(
-    side, rings_left_out
-):
-    """Lite0's 5x5 depthwise convs on 2x2 maps (64 px images) run only the taps that meet the map: the same
-    outputs and gradients, input's and weight's (zero on the rings left out), as the full 5x5 conv."""
-    from kagglecls.models import FoldedBatchNorm2d
-
-    generator = torch.Generator().manual_seed(side)
-    channels = 16
-    conv = nn.Conv2d(channels, channels, 5, padding=2, groups=channels, bias=False)
-    batchnorm = FoldedBatchNorm2d(channels).eval()
-    batchnorm.running_var.uniform_(0.5, 2.0, generator=generator)
-    folded = FoldedConv2d(conv, batchnorm, input_pad=None)
-    images = torch.randn(8, channels, side, side, generator=generator).contiguous(
-        memory_format=torch.channels_last
-    )
-    upstream = torch.randn(8, channels, side, side, generator=generator)
-    results = []
-    for run in ("taps that meet the map", "the full kernel"):
-        inputs = images.clone().requires_grad_(True)
-        conv.weight.grad = None
-        if run == "the full kernel":
-            outputs = nn.functional.batch_norm(
-                nn.functional.conv2d(inputs, conv.weight, padding=2, groups=channels),
-                batchnorm.running_mean,
-                batchnorm.running_var,
-                training=False,
-            )
-        else:
-            assert folded._taps_meeting_only_padding(inputs) == rings_left_out
-            outputs = folded(inputs)
-        outputs.backward(upstream)
-        results.append((outputs.detach(), inputs.grad, conv.weight.grad.clone()))
-    for got, expected in zip(*results, strict=True):
-        assert torch.equal(got, expected)
-    if rings_left_out:
-        assert torch.count_nonzero(results[0][2][:, :, 0, :]) == 0  # the outer ring's taps meet only zeros
 
 
 @pytest.mark.parametrize("bn_mode", ["frozen statistics", "batch statistics"])
@@ -331,19 +282,18 @@ def test_lite0_body_gradients_match_the_package(bn_mode):
     assert (ours._bn0.running_mean != 0).any()
 
 
-def test_resnet_body_with_batchnorm_folded_computes_what_torchvision_does():
+def test_resnet_body_computes_what_torchvision_does_and_fuses_for_inference():
     import torchvision
 
     from kagglecls.models import _resnet_body
 
     torch.manual_seed(0)
     ours, _ = _resnet_body("resnet34", pretrained=False, weights_file=None)
-    names = [type(module).__name__ for module in ours.modules()]
-    assert names.count("FoldedConv2d") == 36  # stem, 2 per basic block (16 blocks), 3 downsamples
+    assert _fused_pairs(ours) == 36  # stem, 2 per basic block (16 blocks), 3 downsamples
     network = torchvision.models.resnet34(weights=None)
     reference = nn.Sequential(*list(network.children())[:-2])
     generator = torch.Generator().manual_seed(5)
-    for module in reference.modules():  # running statistics far from 0 and 1, so folding is not a no-op
+    for module in reference.modules():  # running statistics far from 0 and 1, so fusing is not a no-op
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.5, generator=generator)
             module.running_var.uniform_(0.5, 2.0, generator=generator)
@@ -351,4 +301,6 @@ def test_resnet_body_with_batchnorm_folded_computes_what_torchvision_does():
     ours.load_state_dict(reference.state_dict())
     images = torch.randn(2, 3, 64, 64, generator=generator)
     with torch.no_grad():
-        assert torch.allclose(ours.eval()(images), reference.eval()(images), rtol=1e-4, atol=1e-4)
+        expected = reference.eval()(images)
+        assert torch.equal(ours.eval()(images), expected)
+        assert torch.allclose(fused_for_inference(ours)(images), expected, rtol=1e-4, atol=1e-4)

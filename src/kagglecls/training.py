@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from kagglecls.models import batchnorm_folded
+from kagglecls.models import fused_for_inference
 from kagglecls.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -203,18 +203,18 @@ def predict_probabilities(
 
     With `views`, each item is several inputs (batches of shape (items, views, ...), as TtaViews makes):
     they go through the model together and the probabilities have shape (items, views, classes).
-    Nothing trains on these, so BatchNorm is folded into the convs (models.FoldedConv2d: 1.7x faster).
+    Nothing trains on these, so they run on a copy of the model with BatchNorm fused into the convs
+    (models.fused_for_inference).
     """
-    model.eval()
+    fused = fused_for_inference(model)
     all_probabilities, all_targets = [], []
-    with batchnorm_folded(model):
-        for inputs, targets in tqdm(loader, desc=description, leave=False):
-            shape = inputs.shape[:2] if views else inputs.shape[:1]
-            with settings.autocast():
-                logits = model(settings.move(inputs.flatten(0, len(shape) - 1)))
-            probabilities = torch.softmax(logits.float(), dim=1).reshape(*shape, -1)
-            all_probabilities.append(probabilities.cpu().numpy())
-            all_targets.append(np.asarray(targets))
+    for inputs, targets in tqdm(loader, desc=description, leave=False):
+        shape = inputs.shape[:2] if views else inputs.shape[:1]
+        with settings.autocast():
+            logits = fused(settings.move(inputs.flatten(0, len(shape) - 1)))
+        probabilities = torch.softmax(logits.float(), dim=1).reshape(*shape, -1)
+        all_probabilities.append(probabilities.cpu().numpy())
+        all_targets.append(np.asarray(targets))
     return np.concatenate(all_probabilities), np.concatenate(all_targets)
 
 
