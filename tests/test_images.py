@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from kagglecls import images
+from kagglecls import atomic, images
 from kagglecls.images import (
     BadImageError,
     ImageCheck,
@@ -366,7 +366,7 @@ def test_write_resized_cache(tmp_path):
     targets.append(cache / "b" / "cmyk.jpg")
     targets[3].parent.mkdir(parents=True)
     targets[3].write_bytes(b"built by an earlier run")
-    stale = cache / f".done.jpg.999{images.TEMPORARY_SUFFIX}"
+    stale = cache / f".done.jpg.999{atomic.TEMPORARY_MARK}.jpg"
     stale.write_bytes(b"half written by a killed run")
 
     errors = write_resized_cache(sources, targets, short_side=96, workers=2)

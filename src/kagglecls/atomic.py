@@ -1,4 +1,5 @@
-"""Whole output folders built next to their place and moved there only when complete. Imports nothing of ours."""
+"""Files and folders written beside their place and moved there (os.replace, an atomic rename within one folder)
+only when complete: a crash never leaves a half-written output that looks whole. Imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -9,16 +10,54 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+TEMPORARY_MARK = ".kagglecls-tmp"  # in every temporary file's name, so those a killed run left can be found
+
+
+@contextmanager
+def write_file(path: Path, *, sync: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; moved onto `path` when the block ends well,
+    deleted otherwise. It is hidden, unique to this process, and ends with `path`'s suffix (numpy and
+    matplotlib choose a format by it). `sync`: the bytes reach the disk before the move (fsync), for a file
+    that must survive a power cut, not only a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}{path.suffix}")
+    try:
+        yield temporary
+        if sync:
+            descriptor = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files (of write_file) that killed runs left in `folder`; returns their paths."""
+    stale = sorted(Path(folder).glob(f".*{TEMPORARY_MARK}*")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
 
 def replace_folder(source: Path, dest: Path) -> None:
-    """Move `source` to `dest`; an existing `dest` is moved aside first and deleted after."""
-    if not dest.exists():
+    """Move `source` to `dest`. An existing `dest` (or a link there) is moved aside first, put back if the move
+    fails, and deleted after."""
+    if not (dest.exists() or dest.is_symlink()):
         os.replace(source, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, old / dest.name)
-    os.replace(source, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.replace(dest, aside / dest.name)
+    try:
+        os.replace(source, dest)
+    except OSError:
+        os.replace(aside / dest.name, dest)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager

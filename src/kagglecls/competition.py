@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kagglecls.atomic import replace_folder
+from kagglecls.atomic import building_folder
 from kagglecls.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -86,10 +84,7 @@ def build_sample_competition(
         digits.target, n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, seed=seed
     )
     classes = DIGIT_NAMES[:n_classes]
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
-    try:
+    with building_folder(Path(dest)) as work:
         train_ids = _write_digit_images(
             work / "train", digits.images, train_indices, image_size=image_size, seed=seed
         )
@@ -104,10 +99,6 @@ def build_sample_competition(
         for class_name in sorted(classes):
             sample[class_name] = 1.0 / n_classes  # uniform, as Kaggle's own sample submissions are
         sample.to_csv(work / "sample_submission.csv", index=False, lineterminator="\n")
-        replace_folder(work, dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     logger.info("sample competition: %d train and %d test images in %s", len(train_ids), len(test_ids), dest)
 
 

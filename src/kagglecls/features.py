@@ -6,7 +6,6 @@ change of images, arch or size reruns precompute: no cache of our own that could
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kagglecls import plots
-from kagglecls.atomic import building_folder
+from kagglecls.atomic import building_folder, write_file
 from kagglecls.data import EvalPreset
 from kagglecls.loading import (
     build_model,
@@ -37,14 +36,9 @@ def write_features(
 ) -> None:
     """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically."""
     model.eval()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    try:
+    with write_file(path) as temporary:
         _stream_features(model, loader, n_items=n_items, temporary=temporary, settings=settings,
                          description=description, path=path)  # fmt: skip
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    os.replace(temporary, path)
 
 
 def _stream_features(model, loader, *, n_items, temporary, settings, description, path) -> None:  # noqa: ANN001

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from kagglecls.atomic import remove_temporaries, write_file
 from kagglecls.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ RESAMPLE = Image.Resampling.BILINEAR
 # Large non-JPEG images are first shrunk by an integer factor (box filter) down to 3x the target, then
 # resampled: Pillow's docs call the result indistinguishable from a full resample.
 REDUCING_GAP = 3.0
-TEMPORARY_SUFFIX = ".kagglecls-tmp"
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _Item = TypeVar("_Item")
@@ -116,7 +116,9 @@ def write_resized_cache(
     if len(set(target_paths)) < len(target_paths):
         repeated = next(target for target in target_paths if target_paths.count(target) > 1)
         raise ValueError(f"each source needs its own target, got {repeated} more than once")
-    _remove_stale_temporaries({target.parent for target in target_paths})
+    for folder in sorted({target.parent for target in target_paths}):
+        for stale in remove_temporaries(folder):
+            logger.info("removed %s, left by an interrupted run", stale)
     jobs = [
         _ResizeJob(source=Path(source), target=target, short_side=short_side, quality=quality)
         for source, target in zip(sources, target_paths, strict=True)
@@ -137,17 +139,10 @@ def write_resized_cache(
 
 def write_bad_image_report(checks: Sequence[ImageCheck], path: Path) -> None:
     """Write a CSV `file,error` of the unreadable images (just the header when there are none), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path_for(path)
-    try:
-        with open(temporary, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(["file", "error"])
-            writer.writerows([str(check.path), check.error] for check in checks if check.error is not None)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with write_file(path) as temporary, open(temporary, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["file", "error"])
+        writer.writerows([str(check.path), check.error] for check in checks if check.error is not None)
 
 
 def _decode(path: Path, *, short_side: int | None, upscale: bool) -> Image.Image:
@@ -259,13 +254,8 @@ def _resize_one(job: _ResizeJob) -> str | None:
         image = _decode(job.source, short_side=job.short_side, upscale=False)
     except BadImageError as error:
         return str(error)
-    job.target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path_for(job.target)
-    try:
+    with write_file(job.target) as temporary:
         image.save(temporary, format="JPEG", quality=job.quality)
-        os.replace(temporary, job.target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return None
 
 
@@ -282,20 +272,6 @@ def _map_in_workers(
     chunk_size = max(1, min(64, len(items) // (workers * 4)))
     with ProcessPoolExecutor(max_workers=workers) as executor:
         return list(progress(executor.map(function, items, chunksize=chunk_size)))
-
-
-def _remove_stale_temporaries(folders: set[Path]) -> None:
-    """Delete the temporaries (see `_temporary_path_for`) that a killed run left behind."""
-    for folder in sorted(folders):
-        if folder.is_dir():
-            for stale in folder.glob(f".*{TEMPORARY_SUFFIX}"):
-                logger.info("removing %s left by an interrupted run", stale)
-                stale.unlink(missing_ok=True)
-
-
-def _temporary_path_for(path: Path) -> Path:
-    # Same folder (so os.replace is an atomic rename), hidden, unique per process.
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
 
 
 def _first_bytes(path: Path) -> bytes:

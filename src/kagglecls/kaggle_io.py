@@ -1,9 +1,9 @@
 """Kaggle I/O: fetch a competition (official `kaggle` client, or a local zip or folder) and submit a file.
 
 `fetch_competition` leaves `dest` holding the competition exactly as Kaggle ships it, extracted, with nested
-zips (`train.zip`, `labels.csv.zip`) unpacked in place. All work happens in a temporary folder beside `dest`
-that is moved into place with `os.replace` only when complete: a failure leaves neither a partial `dest` nor
-the temporary folder, and an existing `dest` is replaced only on success.
+zips (`train.zip`, `labels.csv.zip`) unpacked in place. It is built in a temporary folder beside `dest` and moved
+into place only when complete (atomic.building_folder): a failure leaves neither a partial `dest` nor the
+temporary folder, and an existing `dest` is replaced only on success.
 
 Every failure a user can cause is a `KaggleError` whose `str()` is one line saying what happened and what to do.
 Credentials never appear in those messages nor in the logs: the client's own printing is routed to the debug
@@ -30,6 +30,7 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
+from kagglecls.atomic import building_folder
 from kagglecls.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -53,21 +54,16 @@ def competition_url(competition: str) -> str:
 def fetch_competition(*, source: str, competition: str, dest: Path) -> None:
     """Put `competition` into `dest`, extracted, from Kaggle (`source="kaggle"`) or a local zip or folder."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        staged = work / "extracted"  # fixed names inside `work`: a dest called "download" cannot collide
+    with building_folder(dest) as staged:
         if source == "kaggle":
-            archive = _download(competition=competition, folder=work / "download")
-            label = f"{archive.name} downloaded from Kaggle"
-            _extract_zip(archive, staged, label=label)
+            with tempfile.TemporaryDirectory(prefix=f".{dest.name}.download-", dir=dest.parent) as folder:
+                archive = _download(competition=competition, folder=Path(folder))
+                label = f"{archive.name} downloaded from Kaggle"
+                _extract_zip(archive, staged, label=label)
         else:
             label = str(source)
             _stage_local(Path(source), staged, dest=dest)
         _unpack_nested_zips(staged, label=label)
-        _move_into_place(staged, dest, previous=work / "previous")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     logger.info("competition %s from %s is in %s", competition, source, dest)
 
 
@@ -244,7 +240,7 @@ def _stage_local(source: Path, staged: Path, *, dest: Path) -> None:
         _extract_zip(source, staged, label=str(source))
         return
     try:
-        shutil.copytree(source, staged)
+        shutil.copytree(source, staged, dirs_exist_ok=True)
     except (OSError, shutil.Error) as error:
         raise KaggleError(
             f"cannot copy {source} into {dest.parent}: {str(error).splitlines()[0][:300]}"
@@ -340,16 +336,3 @@ def _unpack_inner_zip(inner: Path, *, label: str) -> None:
         target = inner.parent if top_names == {stem} else inner.parent / stem
         _write_members(archive, target, label=label)
     inner.unlink()
-
-
-def _move_into_place(staged: Path, dest: Path, *, previous: Path) -> None:
-    """os.replace `staged` onto `dest`; an existing `dest` is moved aside first and restored on failure."""
-    if not (dest.exists() or dest.is_symlink()):
-        os.replace(staged, dest)
-        return
-    os.replace(dest, previous)
-    try:
-        os.replace(staged, dest)
-    except OSError:
-        os.replace(previous, dest)
-        raise

@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kagglecls.atomic import write_file
 from kagglecls.errors import UserError
 
 MANIFEST_COLUMNS = ("file", "label", "split", "id", "md5", "width", "height")
@@ -46,12 +46,10 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 
 def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as handle:
+    with write_file(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         writer.writerows([getattr(row, column) for column in MANIFEST_COLUMNS] for row in rows)
-    os.replace(temporary, path)
 
 
 @dataclass(frozen=True)

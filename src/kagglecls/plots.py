@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,25 +12,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from kagglecls.atomic import write_file
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
 def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    with write_file(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_csv(rows: Sequence[dict], path: Path, *, columns: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as handle:
+    with write_file(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def _figure(**options: object) -> Figure:
@@ -46,10 +42,8 @@ def _figure(**options: object) -> Figure:
 
 
 def _save(figure: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100, bbox_inches="tight")
-    os.replace(temporary, path)
+    with write_file(path) as temporary:
+        figure.savefig(temporary, dpi=100, bbox_inches="tight")
 
 
 def plot_lr_find(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from kagglecls import images, inference, plots
+from kagglecls.atomic import write_file
 from kagglecls.data import EvalPreset, TrainPreset, TtaViews
 from kagglecls.loading import (
     image_loader,
@@ -149,7 +149,5 @@ def _interpret(params, probabilities, split, classes, reorganised, cache_dir, pl
 
 
 def _save_predictions(path: Path, *, ids: list[str], probabilities: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(temporary, ids=np.array(ids, dtype=str), probabilities=probabilities.astype(np.float64))
-    os.replace(temporary, path)
+    with write_file(path) as temporary:
+        np.savez(temporary, ids=np.array(ids, dtype=str), probabilities=probabilities.astype(np.float64))

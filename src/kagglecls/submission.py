@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kagglecls.atomic import write_file
 from kagglecls.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -326,17 +326,10 @@ def _check_labels(values: pd.Series, *, ids: tuple[str, ...], classes: Sequence[
 
 
 def write_submission(frame: pd.DataFrame, path: Path) -> None:
-    """Write `frame` as CSV to `path` via a temporary file in the same folder: never a half-made `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", newline="", encoding="utf-8") as stream:
-            frame.to_csv(stream, index=False, lineterminator="\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    """Write `frame` as CSV to `path` through atomic.write_file, synced: never a half-made `path`."""
+    with (
+        write_file(path, sync=True) as temporary,
+        open(temporary, "w", newline="", encoding="utf-8") as stream,
+    ):
+        frame.to_csv(stream, index=False, lineterminator="\n")
     logger.info("wrote %s (%d rows, %d columns)", path, len(frame), len(frame.columns))

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from kagglecls.atomic import write_file
 from kagglecls.models import fused_for_inference
 from kagglecls.schedule import Schedule
 
@@ -381,14 +382,11 @@ def save_checkpoint(
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """torch.save to a temporary file moved into place. Saved through a file object, the archive's inner
+    """torch.save through atomic.write_file. Saved through a file object, the archive's inner
     folder is always "archive" (given a path, torch names it after the file, here with our pid): the same
     weights give the same bytes, so DVC sees an unchanged model as unchanged."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
+    with write_file(path) as temporary, open(temporary, "wb") as handle:
         torch.save(state, handle)
-    os.replace(temporary, path)
 
 
 def _resume(
