@@ -210,7 +210,7 @@ def fused_for_inference(model: nn.Module) -> nn.Module:
     fused = copy.deepcopy(model).eval()
     for parent in list(fused.modules()):
         for conv_name, batchnorm_name in CONV_BN_PAIRS:
-            conv, batchnorm = parent._modules.get(conv_name), parent._modules.get(batchnorm_name)
+            conv, batchnorm = getattr(parent, conv_name, None), getattr(parent, batchnorm_name, None)
             if (
                 isinstance(conv, nn.Conv2d)
                 and type(batchnorm) is nn.BatchNorm2d
