@@ -330,7 +330,7 @@ def make_submission(
     info = read_class_info(reorganised)
     classes = tuple(info.classes)
     fmt = read_sample_submission(
-        raw_dir / "sample_csv", classes=classes, positive_class=params.positive_class
+        raw_dir / "sample_submission.csv", classes=classes, positive_class=params.submission.positive_class
     )
     saved = np.load(predictions)
     by_id = dict(zip(saved["ids"].tolist(), saved["probabilities"], strict=True))
