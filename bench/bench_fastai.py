@@ -123,8 +123,8 @@ def fastai_spec(repo: Path, params: dict, *, layout: str, workers: int | None) -
 
 def _pipeline_workers(base: dict) -> int:
     """The loader workers the pipeline ran with (base.num_workers, `auto` resolved as the stages do)."""
+    from kagglecls.device import pick_device
     from kagglecls.loading import loader_workers
-    from kagglecls.training import pick_device
 
     return loader_workers(base["num_workers"], device_type=pick_device(base["device"]).type)
 

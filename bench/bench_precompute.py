@@ -31,12 +31,14 @@ import torch  # noqa: E402
 
 from kagglecls.competition import build_sample_competition, load_competition  # noqa: E402
 from kagglecls.data import EvalPreset, ImageDataset, cache_short_side, make_loader  # noqa: E402
+from kagglecls.device import StepSettings, seed_everything  # noqa: E402
 from kagglecls.features import feature_loader, write_features  # noqa: E402
+from kagglecls.fitting import make_optimizer  # noqa: E402
 from kagglecls.images import write_resized_cache  # noqa: E402
 from kagglecls.loading import normalisation_for  # noqa: E402
 from kagglecls.models import build_classifier, freeze_to, set_train_mode  # noqa: E402
 from kagglecls.schedule import make_schedule  # noqa: E402
-from kagglecls.training import StepSettings, make_optimizer, seed_everything, train_one_epoch  # noqa: E402
+from kagglecls.training import train_one_epoch  # noqa: E402
 
 log = logging.getLogger("bench.precompute")
 ARCH = "efficientnet_lite0"

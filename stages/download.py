@@ -5,7 +5,7 @@ Run by DVC: `python stages/download.py --out data/raw`. Reads data.source, data.
 
 from pathlib import Path
 
-from kagglecls import prepare
+from kagglecls import kaggle_io
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -13,7 +13,7 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True)
     run_stage(
-        "download", lambda arguments, params: prepare.download(params=params, dest=arguments.out), parser
+        "download", lambda arguments, params: kaggle_io.download(params=params, dest=arguments.out), parser
     )
 
 

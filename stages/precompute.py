@@ -17,7 +17,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
 
-    def body(arguments, params) -> None:  # noqa: ANN001
+    def body(arguments, params) -> None:
         features.precompute(
             params=params, reorganised=arguments.reorganised, cache_dir=arguments.cache, out_dir=arguments.out
         )

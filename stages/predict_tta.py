@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
 
-    def body(arguments, params) -> None:  # noqa: ANN001
+    def body(arguments, params) -> None:
         predict.predict_tta(
             params=params,
             reorganised=arguments.reorganised,

@@ -5,7 +5,7 @@ Run by DVC: `python stages/reorganise.py --raw data/raw --out data/reorganised`.
 
 from pathlib import Path
 
-from kagglecls import prepare
+from kagglecls import reorganise
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -14,8 +14,8 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
 
-    def body(arguments, params) -> None:  # noqa: ANN001
-        prepare.reorganise(params=params, raw_dir=arguments.raw, out_dir=arguments.out)
+    def body(arguments, params) -> None:
+        reorganise.reorganise(params=params, raw_dir=arguments.raw, out_dir=arguments.out)
 
     run_stage("reorganise", body, parser)
 

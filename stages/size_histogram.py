@@ -6,7 +6,7 @@ Run by DVC: `python stages/size_histogram.py --reorganised data/reorganised --pn
 
 from pathlib import Path
 
-from kagglecls import prepare
+from kagglecls import plots
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -16,10 +16,8 @@ def main() -> None:
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
 
-    def body(arguments, params) -> None:  # noqa: ANN001
-        prepare.size_histogram(
-            reorganised=arguments.reorganised, png=arguments.png, summary=arguments.summary
-        )
+    def body(arguments, params) -> None:
+        plots.size_histogram(reorganised=arguments.reorganised, png=arguments.png, summary=arguments.summary)
 
     run_stage("size_histogram", body, parser)
 

@@ -6,7 +6,7 @@ Run by DVC: `python stages/submission.py --raw data/raw --reorganised data/reorg
 
 from pathlib import Path
 
-from kagglecls import assemble
+from kagglecls import submission
 from kagglecls.cli import run_stage, stage_parser
 
 
@@ -17,8 +17,8 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
 
-    def body(arguments, params) -> None:  # noqa: ANN001
-        assemble.make_submission(
+    def body(arguments, params) -> None:
+        submission.make_submission(
             params=params,
             raw_dir=arguments.raw,
             reorganised=arguments.reorganised,

@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
 
-    def body(arguments, params) -> None:  # noqa: ANN001
+    def body(arguments, params) -> None:
         outputs = fitting.StageOutputs(
             model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
         )

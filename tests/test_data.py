@@ -16,20 +16,16 @@ from kagglecls.data import (
     DataError,
     EvalPreset,
     ImageDataset,
-    ManifestRow,
     Normalisation,
     SeededSampler,
     TrainPreset,
     TtaViews,
     cache_short_side,
-    file_md5,
     make_loader,
-    read_manifest,
     resized_files,
-    stratified_split,
-    write_manifest,
 )
 from kagglecls.images import BadImageError, load_rgb
+from kagglecls.manifest import ManifestRow, file_md5, read_manifest, stratified_split, write_manifest
 
 LITE = Normalisation(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

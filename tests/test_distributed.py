@@ -24,18 +24,12 @@ from project_fixture import REPO, TINY_PARAMS, make_project, merge, run, stages_
 from torch import nn
 
 from kagglecls.data import EvalPreset, ImageDataset, Normalisation, SeededSampler, TrainPreset, make_loader
+from kagglecls.device import SINGLE_PROCESS, DistributedContext, StepSettings, init_distributed
+from kagglecls.fitting import make_optimizer
 from kagglecls.loading import load_classifier
 from kagglecls.params import load_params
 from kagglecls.schedule import make_schedule
-from kagglecls.training import (
-    SINGLE_PROCESS,
-    DistributedContext,
-    FitPlan,
-    StepSettings,
-    fit,
-    init_distributed,
-    make_optimizer,
-)
+from kagglecls.training import FitPlan, fit
 
 N_ITEMS = 24  # a multiple of 2 ranks x 4 per batch: no rank pads and no batch is dropped
 PER_RANK_BATCH = 4

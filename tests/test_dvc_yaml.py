@@ -72,3 +72,28 @@ def test_params_keys_named_in_dvc_yaml_exist() -> None:
 
 def test_default_params_load() -> None:
     assert isinstance(load_params(REPO / "params.yaml"), Params)
+
+
+# Knobs that change how fast a stage runs, never what it writes (features at any precompute batch size are the
+# same bytes): no stage lists them, so changing one reruns nothing.
+SPEED_KNOBS = ("base.num_workers", "base.decoded_cache_mb", "precompute.batch_size")
+
+
+def test_no_stage_lists_a_speed_knob() -> None:
+    for name, stage in _pipeline().items():
+        for key in stage.get("params", []):
+            for knob in SPEED_KNOBS:
+                assert not knob.startswith(f"{key}."), f"{name}: params {key} covers the speed knob {knob}"
+                assert key != knob, f"{name}: lists the speed knob {knob}"
+
+
+def test_stages_list_keys_not_other_stages_sections() -> None:
+    for name, stage in _pipeline().items():
+        for key in stage.get("params", []):
+            assert "." in key or key == name, f"{name}: lists the whole section {key}; list the keys it reads"
+
+
+def test_only_the_stages_that_draw_import_plots_and_precompute_trains_nothing() -> None:
+    drawing = {name for name in STAGES if "plots" in _closure(REPO / "stages" / f"{name}.py")}
+    assert drawing == {"size_histogram", "train_head", "train_augmented", "finetune", "predict_tta"}
+    assert not {"training", "lr_find", "checkpoints", "plots"} & _closure(REPO / "stages" / "precompute.py")

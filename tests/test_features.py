@@ -6,9 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kagglecls.device import StepSettings
 from kagglecls.features import FeatureBatches, FeatureDataset, feature_loader, write_features
+from kagglecls.fitting import make_optimizer
 from kagglecls.models import Classifier, build_classifier, make_head
-from kagglecls.training import StepSettings, make_optimizer
 
 CPU = StepSettings(device=torch.device("cpu"))
 # float16 keeps an 11-bit significand: rounding to nearest moves a normal number by at most 2^-11 of its

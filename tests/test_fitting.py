@@ -1,8 +1,8 @@
 """How the training stages choose their lr: fixed, lr_find's suggestion, or the documented fallback."""
 
 from kagglecls import fitting
+from kagglecls.lr_find import LrFindResult
 from kagglecls.params import FitParams, LrFindParams
-from kagglecls.training import LrFindResult
 
 
 def test_choose_lr_falls_back_with_a_warning_where_the_sweep_cannot_suggest(monkeypatch, caplog):

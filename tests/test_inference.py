@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from kagglecls.inference import (
+from kagglecls.predict import (
     ConfusedPair,
     apply_temperature,
     combine_tta,

@@ -31,8 +31,9 @@ def test_image_loader_keeps_decoded_images_only_without_workers(tmp_path, num_wo
     import numpy as np
     from PIL import Image
 
-    from kagglecls.data import EvalPreset, ManifestRow, Normalisation, file_md5
+    from kagglecls.data import EvalPreset, Normalisation
     from kagglecls.loading import Split, image_loader
+    from kagglecls.manifest import ManifestRow, file_md5
     from kagglecls.params import params_from_mapping
 
     path = tmp_path / "train" / "a.png"

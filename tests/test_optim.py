@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from kagglecls.training import StepSettings, lr_find, make_optimizer
+from kagglecls.device import StepSettings
+from kagglecls.fitting import make_optimizer
+from kagglecls.lr_find import lr_find
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The PNG figures and the CSV/JSON files of kagglecls.plots."""
+"""The PNG figures of kagglecls.plots and the CSV/JSON files of kagglecls.atomic."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kagglecls import plots
+from kagglecls import atomic, plots
 
 
 def _png_size(path):
@@ -35,9 +35,9 @@ def test_each_figure_is_a_png_and_leaves_no_temporary(tmp_path):
 
 
 def test_json_and_csv_are_written_whole(tmp_path):
-    plots.write_json({"b": 2, "a": 1.5}, tmp_path / "m.json")
+    atomic.write_json({"b": 2, "a": 1.5}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": 2}
-    plots.write_csv([{"x": 1, "y": 2, "extra": 3}], tmp_path / "t.csv", columns=("x", "y"))
+    atomic.write_csv([{"x": 1, "y": 2, "extra": 3}], tmp_path / "t.csv", columns=("x", "y"))
     assert (tmp_path / "t.csv").read_text().splitlines() == ["x,y", "1,2"]
 
 

@@ -15,8 +15,8 @@ import yaml
 from sklearn.metrics import log_loss
 
 from kagglecls.competition import load_competition
+from kagglecls.kaggle_io import download
 from kagglecls.params import params_from_mapping
-from kagglecls.prepare import download
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "bench"))

@@ -7,7 +7,6 @@ import pytest
 from kagglecls.schedule import (
     make_schedule,
     one_cycle_factor,
-    one_cycle_momentum,
     sgdr_cycle_lengths,
     sgdr_epochs,
     sgdr_factor,
@@ -92,11 +91,6 @@ def test_one_cycle_rises_then_falls():
     assert factors[50:] == sorted(factors[50:], reverse=True)
     # The last step taken (199) is one step short of the end, as in fastai: just above 1e-5.
     assert 1e-5 < factors[199] < 2e-4
-
-
-@pytest.mark.parametrize(("step", "expected"), [(0, 0.95), (25, 0.90), (50, 0.85), (125, 0.90), (200, 0.95)])
-def test_one_cycle_momentum_is_inverse_to_the_lr(step, expected):
-    assert one_cycle_momentum(step, total_steps=200) == pytest.approx(expected, abs=1e-12)
 
 
 def test_make_schedule_totals_and_factors():

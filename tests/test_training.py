@@ -9,27 +9,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kagglecls.schedule import Schedule, make_schedule
-from kagglecls.training import (
-    FitPlan,
+from kagglecls.checkpoints import fingerprint_of, save_atomic, save_checkpoint
+from kagglecls.device import StepSettings
+from kagglecls.fitting import make_optimizer
+from kagglecls.lr_find import (
     LrFindResult,
-    StepSettings,
-    accuracy,
-    evaluate,
-    fingerprint_of,
-    fit,
-    log_loss,
     lr_find,
-    make_optimizer,
-    predict_probabilities,
-    save_atomic,
-    save_checkpoint,
     suggest_lr,
     suggest_minimum,
     suggest_steep,
     suggest_valley,
-    train_one_epoch,
     why_no_suggestion,
+)
+from kagglecls.schedule import Schedule, make_schedule
+from kagglecls.training import (
+    FitPlan,
+    accuracy,
+    evaluate,
+    fit,
+    log_loss,
+    predict_probabilities,
+    train_one_epoch,
 )
 
 CPU = StepSettings(device=torch.device("cpu"))

@@ -1,12 +1,15 @@
 """Files and folders written beside their place and moved there (os.replace, an atomic rename within one folder)
-only when complete: a crash never leaves a half-written output that looks whole. Imports nothing of ours."""
+only when complete: a crash never leaves a half-written output that looks whole. Also the JSON and CSV files
+DVC reads as metrics and plots. Imports nothing of ours."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +36,18 @@ def write_file(path: Path, *, sync: bool = False) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(data: dict, path: Path) -> None:
+    with write_file(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(rows: Sequence[dict], path: Path, *, columns: Sequence[str]) -> None:
+    with write_file(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def remove_temporaries(folder: Path) -> list[Path]:

@@ -1,19 +1,10 @@
 """Kaggle image-classification competitions as Kaggle ships them, and the small embedded sample competition.
 
-`load_competition` finds the labelled training images and the test image behind each id of
-`sample_submission.csv`, in one of three layouts:
-
-- `labels_csv`: a labels table and a flat image folder (Dog Breed Identification: `labels.csv` with
-  `id,breed`, `train/<id>.jpg`; the id column holds file stems or full file names);
-- `class_folders`: one folder per class, `train/<class>/<file>` (Plant Seedlings Classification);
-- `filename`: the label is the part of the file name before the first '.', `train/cat.123.jpg`
-  (Dogs vs. Cats Redux).
-
-Problems that would make the result wrong raise `CompetitionError` with a one-line message naming the file,
-row or class; problems the pipeline can safely go on with become counted warnings in `Competition.warnings`.
-
-`build_sample_competition` writes a small competition in the Dog Breed layout from scikit-learn's bundled
-handwritten digits, so the pipeline runs end to end with no download.
+`load_competition` finds the labelled training images and the test image of each sample_submission.csv id in
+one of three layouts: `labels_csv` (Dog Breed: labels.csv and train/<id>.jpg), `class_folders`
+(train/<class>/<file>, Plant Seedlings) or `filename` (train/cat.123.jpg, Dogs vs. Cats Redux). Problems that
+would make the result wrong are one-line `CompetitionError`s; safe ones become counted warnings.
+`build_sample_competition` writes scikit-learn's bundled digits in the Dog Breed layout.
 """
 
 from __future__ import annotations
@@ -21,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from kagglecls.atomic import building_folder
-from kagglecls.errors import UserError
+from kagglecls.errors import UserError, examples
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +29,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 LAYOUTS = ("auto", "labels_csv", "class_folders", "filename")
 LABELS_FILE_NAMES = ("labels.csv", "train_labels.csv", "train.csv")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-EXAMPLES_SHOWN = 5  # how many offending names a message lists before "..."
 
 
 class CompetitionError(UserError):
@@ -239,13 +229,6 @@ def load_competition(
     )
 
 
-def _examples(items: Iterable[object]) -> str:
-    """The first few items, quoted, for a message."""
-    items = list(items)
-    shown = ", ".join(repr(str(item)) for item in items[:EXAMPLES_SHOWN])
-    return shown + (", ..." if len(items) > EXAMPLES_SHOWN else "")
-
-
 def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
@@ -301,7 +284,7 @@ def _read_sample_ids(sample_path: Path) -> tuple[str, ...]:
     if len(table.columns) < 2 or len(table) == 0:
         raise CompetitionError(
             f"{sample_path}: expected an id column, at least one value column and at least one row, "
-            f"found columns {_examples(table.columns)} and {len(table)} rows"
+            f"found columns {examples(table.columns)} and {len(table)} rows"
         )
     ids = table[table.columns[0]]
     blank = _line_numbers(ids == "")
@@ -346,7 +329,7 @@ def _find_labels_file(raw_dir: Path, *, labels_file: str | None, sample_path: Pa
     candidates = _labels_file_candidates(raw_dir, sample_path=sample_path)
     if len(candidates) == 1:
         return candidates[0]
-    found = _examples(path.name for path in candidates) if candidates else "no other csv"
+    found = examples(path.name for path in candidates) if candidates else "no other csv"
     raise CompetitionError(
         f"{raw_dir}: expected one labels file ({', '.join(LABELS_FILE_NAMES)} or a single csv beside "
         f"{sample_path.name}), found {found}; set labels_file"
@@ -371,7 +354,7 @@ def _detect_layout(raw_dir: Path, train_folder: Path, *, labels_file: str | None
         f"{raw_dir}: cannot tell the layout: expected a labels csv with {train_folder.name}/<id>.jpg, "
         f"{train_folder.name}/<class>/ folders, or {train_folder.name}/<label>.<n>.jpg names; found "
         f"{len(flat_images)} images and {len(class_folders)} image folders in {train_folder} and csv files "
-        f"{_examples(path.name for path in candidates) or 'none'}; set layout (and labels_file)"
+        f"{examples(path.name for path in candidates) or 'none'}; set layout (and labels_file)"
     )
 
 
@@ -379,7 +362,7 @@ def _pick_label_columns(
     table: pd.DataFrame, path: Path, *, id_column: str | None, label_column: str | None
 ) -> tuple[str, str]:
     columns = list(table.columns)
-    found = f"found columns {_examples(columns)}"
+    found = f"found columns {examples(columns)}"
     for parameter, name in (("id_column", id_column), ("label_column", label_column)):
         if name is not None and name not in columns:
             raise CompetitionError(
@@ -449,14 +432,14 @@ def _labels_from_table(
     if without_image:
         warnings.append(
             f"{len(without_image)} ids in {path.name} have no image in {train_folder} (dropped): "
-            f"{_examples(without_image)}"
+            f"{examples(without_image)}"
         )
     labelled = set(files)
     unlabelled = [image.name for image in images if image not in labelled]
     if unlabelled:
         warnings.append(
             f"{len(unlabelled)} images in {train_folder} have no label in {path.name} (ignored): "
-            f"{_examples(unlabelled)}"
+            f"{examples(unlabelled)}"
         )
     return files, labels, warnings
 
@@ -473,13 +456,13 @@ def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str
     if empty_folders:
         warnings.append(
             f"{len(empty_folders)} folders in {train_folder} hold no images (ignored): "
-            f"{_examples(empty_folders)}"
+            f"{examples(empty_folders)}"
         )
     stray = [image.name for image in _list_images(train_folder)]
     if stray:
         warnings.append(
             f"{len(stray)} images in {train_folder} are outside any class folder, so unlabelled (ignored): "
-            f"{_examples(stray)}"
+            f"{examples(stray)}"
         )
     return files, labels, warnings
 
@@ -497,7 +480,7 @@ def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], 
     if unlabelled:
         warnings.append(
             f"{len(unlabelled)} images in {train_folder} have no '<label>.' prefix in their name (ignored): "
-            f"{_examples(unlabelled)}"
+            f"{examples(unlabelled)}"
         )
     return files, labels, warnings
 
@@ -507,14 +490,14 @@ def _check_classes(labels: Sequence[str], *, source: str) -> tuple[str, ...]:
     if len(counts) < 2:
         raise CompetitionError(
             f"{source}: expected labelled training images of at least 2 classes, found {len(labels)} images "
-            f"in {len(counts)} classes ({_examples(sorted(counts)) or 'none'})"
+            f"in {len(counts)} classes ({examples(sorted(counts)) or 'none'})"
         )
     too_small = sorted(name for name, count in counts.items() if count < 2)
     if too_small:
         first = too_small[0]
         raise CompetitionError(
             f"{source}: class {first!r} has {counts[first]} image; each class needs at least 2 for a "
-            f"stratified train/valid split ({len(too_small)} such classes: {_examples(too_small)})"
+            f"stratified train/valid split ({len(too_small)} such classes: {examples(too_small)})"
         )
     return tuple(sorted(counts))
 
@@ -528,20 +511,20 @@ def _match_test_images(
     missing = [test_id for test_id, file in zip(test_ids, files, strict=True) if file is None]
     if len(missing) == len(test_ids):
         raise CompetitionError(
-            f"{sample_path}: none of its {len(test_ids)} ids ({_examples(test_ids)}) names an image in "
-            f"{test_folder}, which holds {len(images)} images ({_examples(image.name for image in images)})"
+            f"{sample_path}: none of its {len(test_ids)} ids ({examples(test_ids)}) names an image in "
+            f"{test_folder}, which holds {len(images)} images ({examples(image.name for image in images)})"
         )
     warnings = []
     if missing:
         warnings.append(
             f"{len(missing)} ids in {sample_path.name} have no image in {test_folder} "
-            f"(they get the class prior): {_examples(missing)}"
+            f"(they get the class prior): {examples(missing)}"
         )
     listed = set(files)
     unlisted = [image.name for image in images if image not in listed]
     if unlisted:
         warnings.append(
             f"{len(unlisted)} images in {test_folder} are not in {sample_path.name} (ignored): "
-            f"{_examples(unlisted)}"
+            f"{examples(unlisted)}"
         )
     return files, warnings

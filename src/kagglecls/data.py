@@ -1,7 +1,7 @@
-"""Datasets, loaders, augmentation presets, the train/valid split and the manifest the stages share.
+"""Datasets, loaders, augmentation presets and the pre-resized image cache.
 
-Augmentation randomness is seeded per sample from (seed, epoch, index), so a run gives the same batches
-whatever the number of loader workers, and a run resumed at epoch e sees exactly what it would have seen.
+Augmentation is seeded per sample from (seed, epoch, index), so a run gives the same batches whatever the
+number of loader workers, and a run resumed at epoch e sees exactly what it would have seen.
 """
 
 from __future__ import annotations
@@ -18,17 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kagglecls.images import RESAMPLE, load_rgb, write_resized_cache
-from kagglecls.manifest import (  # noqa: F401 - re-exported: data is where loaders look for them
-    MANIFEST_COLUMNS,
-    ClassInfo,
-    DataError,
-    ManifestRow,
-    file_md5,
-    read_class_info,
-    read_manifest,
-    stratified_split,
-    write_manifest,
-)
+from kagglecls.manifest import DataError, ManifestRow
 
 # Bump when the way cached images are made changes, so old caches are never read for new ones.
 CACHE_VERSION = "v1"
@@ -42,10 +32,8 @@ def cache_short_side(image_size: int, resize_factor: float) -> int:
 def resized_files(
     rows: Sequence[ManifestRow], *, root: Path, cache_dir: Path, short_side: int, workers: int
 ) -> list[Path]:
-    """Paths of the pre-resized copies of `rows`' images, made once and named by content hash and size.
-
-    A name says which source bytes and which size it holds, so a changed image or size never reuses a stale file.
-    """
+    """Paths of the pre-resized copies of `rows`' images, made once, named by content hash and size (so a
+    changed image or size never reuses a stale file)."""
     folder = cache_dir / f"{CACHE_VERSION}-short{short_side}"
     targets = [folder / row.md5[:2] / f"{row.md5}.jpg" for row in rows]
     missing = [index for index, target in enumerate(targets) if not target.exists()]
@@ -87,14 +75,8 @@ class EvalPreset:
 
 class TrainPreset:
     """fastai's transforms: zoom (shorter side to [size, size x max_zoom]), rotate up to 10 deg (p=0.75),
-    random crop, flip, lighting; `top_down` adds the dihedral group (vertical flips and transposes).
-
-    Zoom, rotation, crop and flips are one affine map from output to source pixels, so each image is
-    resampled once, straight to `size` x `size`; lighting and normalisation are in-place numpy passes. Measured
-    at 64 px on this project's 2-core CPU: 0.34 ms an image against 0.66 ms for the same steps as torchvision
-    v2 transforms, and importing torchvision (1.8 s a process) is no longer needed. Randomness comes only from
-    the `rng` passed in, one per item.
-    """
+    random crop, flip, lighting; `top_down` adds vertical flips and transposes. Zoom, rotation, crop and flips
+    are one affine map, so each image is resampled once; randomness comes only from the `rng` given per item."""
 
     def __init__(
         self, *, size: int, augmentation: str, max_zoom: float, normalisation: Normalisation
@@ -174,9 +156,8 @@ def _affine(a: float, b: float, c: float, d: float, e: float, f: float) -> np.nd
 def _normalised_tensor(
     image: Image.Image, normalisation: Normalisation, *, rng: np.random.Generator | None = None
 ) -> torch.Tensor:
-    """RGB image -> normalised float32 tensor (C, H, W); with `rng`, lighting first: brightness and contrast,
-    each by a factor in [0.95, 1.05]. In-place passes over one HWC array (about 30 us for 64 x 64 pixels);
-    the tensor is a (C, H, W) view of it, i.e. already in channels_last order."""
+    """RGB image -> normalised float32 (C, H, W) tensor, a view of one HWC array (already channels_last); with
+    `rng`, lighting first: brightness and contrast, each by a factor in [0.95, 1.05]."""
     pixels = np.asarray(image, dtype=np.float32)  # H, W, C in 0..255
     if rng is not None:
         brightness, contrast = rng.uniform(0.95, 1.05, size=2)
@@ -194,19 +175,15 @@ def _normalised_tensor(
 
 
 class ImageDataset(Dataset):
-    """Images and label indices (-1 for unlabelled). Items are fetched by (index, sample_seed).
-
-    With `keep_decoded_bytes`, decoded images are kept in memory, first come first kept, until their pixels
-    reach that many bytes: every later epoch reads those from memory instead of decoding the file again
-    (at 64 px on 2 cores, decoding is about 0.3 ms of the 1.5 ms a training image costs). The transforms
-    never modify the image they are given, so a kept image gives exactly the tensors a fresh decode would.
-    """
+    """Images and label indices (-1 for unlabelled), fetched by (index, sample_seed). With `keep_decoded_bytes`,
+    decoded images are kept in memory up to that many bytes, first come first kept; the transforms never
+    modify their input, so a kept image gives exactly the tensors a fresh decode would."""
 
     def __init__(
         self,
         files: Sequence[Path],
         labels: Sequence[int] | None,
-        transform,  # noqa: ANN001
+        transform,
         *,
         keep_decoded_bytes: int = 0,
     ) -> None:
@@ -292,12 +269,8 @@ def make_loader(
 
 
 class BackgroundLoader(DataLoader):
-    """A DataLoader that, without worker processes, makes its batches in a background thread, two ahead of
-    the loop that uses them: decoding, augmenting and collating (PIL and most numpy and torch calls release the
-    GIL) overlap the network's compute instead of running between its steps (finetune at 64 px on 2 cores:
-    37.8 s against 41.5 s). The batches and their order are the plain DataLoader's. With workers it is the
-    plain DataLoader (they already work ahead).
-    """
+    """A DataLoader that, without worker processes, makes its batches in a background thread two ahead of the
+    loop (decoding releases the GIL), so they overlap the compute; the same batches in the same order."""
 
     def __iter__(self) -> Iterator:
         iterator = super().__iter__()  # made here, in the caller's thread, as the plain DataLoader does

@@ -1,8 +1,5 @@
-"""Precomputed activations: the frozen body's concat-pooled output, streamed to float16 memory-mapped arrays.
-
-Memory stays bounded by one batch whatever the dataset size. DVC hashes the arrays and their inputs, so a
-change of images, arch or size reruns precompute: no cache of our own that could go stale.
-"""
+"""Stage precompute: the frozen body's concat-pooled activations, streamed to float16 memory-mapped arrays (memory
+bounded by one batch), and the loaders that read them back for the head."""
 
 from __future__ import annotations
 
@@ -14,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from kagglecls import plots
-from kagglecls.atomic import building_folder, write_file
+from kagglecls.atomic import building_folder, write_file, write_json
 from kagglecls.data import EvalPreset
+from kagglecls.device import StepSettings, pick_device, seed_everything
 from kagglecls.loading import (
     build_model,
     image_loader,
@@ -27,7 +24,6 @@ from kagglecls.loading import (
 )
 from kagglecls.models import Classifier
 from kagglecls.params import Params
-from kagglecls.training import StepSettings, pick_device, seed_everything
 
 
 @torch.inference_mode()
@@ -41,7 +37,7 @@ def write_features(
                          description=description, path=path)  # fmt: skip
 
 
-def _stream_features(model, loader, *, n_items, temporary, settings, description, path) -> None:  # noqa: ANN001
+def _stream_features(model, loader, *, n_items, temporary, settings, description, path) -> None:
     array = None
     position = 0
     for inputs, _targets in tqdm(loader, desc=description, leave=False):
@@ -97,7 +93,7 @@ class FeatureBatches:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         n = len(self.dataset)
         order = np.arange(n)
         if self.shuffle:
@@ -148,7 +144,7 @@ def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: P
                 settings=settings,
                 description=f"precompute {name}",
             )
-        plots.write_json(
+        write_json(
             {
                 "arch": params.model.arch,
                 "image_size": size,

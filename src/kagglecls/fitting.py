@@ -13,7 +13,18 @@ import torch
 from torch import nn
 
 from kagglecls import logistic, plots
-from kagglecls.data import EvalPreset, TrainPreset, file_md5
+from kagglecls.atomic import write_csv, write_json
+from kagglecls.checkpoints import fingerprint_of, save_atomic
+from kagglecls.data import EvalPreset, TrainPreset
+from kagglecls.device import (
+    DistributedContext,
+    StepSettings,
+    init_distributed,
+    pick_device,
+    reduce_sums,
+    seed_everything,
+    wrap_distributed,
+)
 from kagglecls.features import feature_loader
 from kagglecls.loading import (
     build_model,
@@ -24,28 +35,38 @@ from kagglecls.loading import (
     step_settings,
     to_device,
 )
+from kagglecls.lr_find import lr_find, suggest_lr, why_no_suggestion
+from kagglecls.manifest import file_md5
 from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
 from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params
 from kagglecls.schedule import make_schedule, sgdr_cycle_ends, sgdr_epochs
-from kagglecls.training import (
-    DistributedContext,
-    FitPlan,
-    StepSettings,
-    evaluate,
-    fingerprint_of,
-    fit,
-    init_distributed,
-    lr_find,
-    make_optimizer,
-    pick_device,
-    reduce_sums,
-    save_atomic,
-    seed_everything,
-    suggest_lr,
-    why_no_suggestion,
-)
+from kagglecls.training import FitPlan, evaluate, fit
 
 log = logging.getLogger(__name__)
+
+
+def make_optimizer(
+    parameter_groups: Sequence[Sequence[nn.Parameter]],
+    lrs: Sequence[float],
+    *,
+    kind: str,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """One optimizer group per layer group, each with its own peak lr (kept as `initial_lr`). AdamW is fused
+    on CPU and CUDA; SGD is foreach on the CPU, whose numbers match the runs so far bit for bit."""
+    groups = [
+        {"params": list(params), "lr": lr, "initial_lr": lr}
+        for params, lr in zip(parameter_groups, lrs, strict=True)
+        if params
+    ]
+    if kind == "adam":
+        return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=weight_decay, fused=True)
+    if kind == "sgd":
+        on_cuda = any(param.is_cuda for group in groups for param in group["params"])
+        return torch.optim.SGD(
+            groups, momentum=0.9, weight_decay=weight_decay, fused=on_cuda, foreach=not on_cuda
+        )
+    raise ValueError(f"optimizer {kind!r}: expected adam or sgd")
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,7 @@ class StageOutputs:
     checkpoint: Path | None = None
 
 
-def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot_path: Path | None):  # noqa: ANN001, ANN201
+def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot_path: Path | None):
     """The lr to train with and where it came from: "fixed", "lr_find", or "fallback" (lr_find.fallback_lr)
     when the sweep's curve cannot give a suggestion. The sweep leaves the weights as they were."""
     if fit_params.lr != "auto":
@@ -90,7 +111,7 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
         log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
     if plot_path is not None:
         plots.plot_lr_find(result.lrs, result.losses, suggested=suggested, path=plot_path)
-        plots.write_csv(
+        write_csv(
             [{"lr": lr, "loss": loss} for lr, loss in zip(result.lrs, result.losses, strict=True)],
             plot_path.with_suffix(".csv"),
             columns=("lr", "loss"),
@@ -143,8 +164,8 @@ def write_stage_results(
         **({"best_epoch": kept["epoch"]} if kept else {}),
         **extra,
     }
-    plots.write_json(metrics, outputs.metrics)
-    plots.write_csv(
+    write_json(metrics, outputs.metrics)
+    write_csv(
         history,
         outputs.plots_dir / "history.csv",
         columns=("epoch", "train_loss", "valid_log_loss", "valid_accuracy"),
@@ -233,7 +254,7 @@ def fit_linear_head(
     return {"train_loss": train_loss, "l2": fitted.l2, "cv_log_loss": fitted.cv_log_loss}
 
 
-def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):  # noqa: ANN202
+def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):
     """Shuffled mini-batches of the training activations, at the stage's batch size."""
     return feature_loader(
         features_dir / "train.npy",
@@ -244,7 +265,7 @@ def _training_features(params: Params, fit_params: FitParams, features_dir: Path
     )
 
 
-def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, outputs):  # noqa: ANN001, ANN202
+def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, outputs):
     """fastai's way: lr_find on the activations, then SGDR epochs of mini-batches."""
     fit_params = params.train_head
     train_loader = _training_features(params, fit_params, features_dir, splits["train"].labels)
@@ -286,12 +307,8 @@ def train_augmented(
     """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len.
 
     With `lr: auto` and `model.frozen_bn: eval`, lr_find sweeps a freshly initialised copy of the head on the
-    precomputed activations, as fastai 0.7's lesson ran lr_find with precompute=True before training the head
-    and kept that lr for this stage. A fresh copy, because the trained head already sits at its minimum: its
-    loss only rises along a sweep. The sweep costs a fraction of a second instead of num_steps body forwards.
-    With `frozen_bn: train` the body's output moves with the BatchNorm statistics: the sweep goes through
-    the images.
-    """
+    activations, as fastai 0.7's lesson did (the trained head sits at its minimum, where a sweep suggests
+    nothing); with `frozen_bn: train` the body's output moves, so the sweep goes through the images."""
     fit_params = params.train_augmented
     seed_everything(params.base.seed)  # before the sweep's fresh head is initialised
     model, classes = load_classifier(params, head_path=head_path, weights_key="head")
@@ -364,11 +381,11 @@ def _fit_images(
 ) -> None:
     seed_everything(params.base.seed)
     context = init_distributed(params.base.device)
-    device = _device_for(params, context)
+    device = pick_device(params.base.device, context)
     splits, classes = load_splits(reorganised)
     settings = step_settings(params, device, model, bn_statistics=bn_statistics)
     model = to_device(model, settings)
-    trained = _wrap_distributed(model, context, device)
+    trained = wrap_distributed(model, context, device)
     batch_size = fit_params.batch_size or params.base.batch_size
     histories, lrs, checkpoints = [], [], []
     for round_index, size in enumerate(sizes):
@@ -439,7 +456,7 @@ def _differential_optimizer(
     fit_params: FitParams,
     model: Classifier,
     trained: nn.Module,
-    loader,  # noqa: ANN001
+    loader,
     settings: StepSettings,
     *,
     lr_ratio: float,
@@ -490,21 +507,7 @@ def _checkpoint_path(outputs: StageOutputs, size: int) -> Path | None:
     return outputs.checkpoint.with_name(f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}")
 
 
-def _device_for(params: Params, context: DistributedContext) -> torch.device:
-    device = pick_device(params.base.device)
-    if device.type == "cuda" and context.enabled:
-        return torch.device("cuda", context.local_rank)
-    return device
-
-
-def _wrap_distributed(model: Classifier, context: DistributedContext, device: torch.device) -> nn.Module:
-    if not context.enabled:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size, batch_size, context):  # noqa: ANN001, ANN202
+def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size, batch_size, context):
     normalisation = normalisation_for(params.model.arch)
     train_transform = TrainPreset(
         size=size,

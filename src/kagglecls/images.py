@@ -1,16 +1,8 @@
 """Decode, verify and pre-resize images: the one place that opens image files.
 
-Every image the pipeline reads goes through `load_rgb`, which turns any common image file into an RGB PIL
-image or raises `BadImageError` with a one-line message naming the file. `check_images` fully decodes a
-list of files in worker processes and `write_bad_image_report` lists the unreadable ones as CSV.
-`write_resized_cache` is fastai's `data.resize`: every image decoded once and saved as a small JPEG, so each
-epoch decodes small files.
-
-Speed choices (figures from `bench/bench_images.py`): JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8
-scale when the file is at least twice the wanted size (about 3.5x faster on 2000x1500 photos for a mean absolute
-difference under 1 grey level); the remaining resize is bilinear with antialiasing (fastai's choice: about
-1.5x faster than bicubic and within 1 grey level of a float Lanczos resize); the cache and the checks run in
-worker processes.
+`load_rgb` turns any common image file into upright RGB or raises a one-line `BadImageError`; `check_images`
+decodes a list in worker processes; `write_resized_cache` is fastai's `data.resize`. JPEG draft mode and a
+bilinear antialiased resize are the speed choices (figures in bench/bench_images.py).
 """
 
 import csv
@@ -98,14 +90,9 @@ def write_resized_cache(
     workers: int = 2,
     quality: int = 95,
 ) -> list[str | None]:
-    """Save each source as a JPEG whose shorter side is `short_side` pixels; None or the error text per item.
-
-    Like fastai's `data.resize`, images already that small are not upscaled: they are saved at their own size
-    (still upright RGB JPEGs), since the training transforms rescale anyway. Targets that already exist are
-    skipped, so an interrupted build resumes where it stopped; each file is written to a temporary file in
-    the same folder and renamed into place, and temporaries left by a killed run are removed first.
-    Unreadable sources produce no target and their error text in the result.
-    """
+    """Save each source as a JPEG whose shorter side is `short_side` (never upscaled, as fastai's data.resize);
+    None or the error text per item. Existing targets are skipped, so an interrupted build resumes; temporaries
+    a killed run left are removed first."""
     if len(sources) != len(targets):
         raise ValueError(
             f"sources and targets must pair up, got {len(sources)} sources and {len(targets)} targets"

@@ -1,14 +1,6 @@
-"""Kaggle I/O: fetch a competition (official `kaggle` client, or a local zip or folder) and submit a file.
-
-`fetch_competition` leaves `dest` holding the competition exactly as Kaggle ships it, extracted, with nested
-zips (`train.zip`, `labels.csv.zip`) unpacked in place. It is built in a temporary folder beside `dest` and moved
-into place only when complete (atomic.building_folder): a failure leaves neither a partial `dest` nor the
-temporary folder, and an existing `dest` is replaced only on success.
-
-Every failure a user can cause is a `KaggleError` whose `str()` is one line saying what happened and what to do.
-Credentials never appear in those messages nor in the logs: the client's own printing is routed to the debug
-log with every credential value removed.
-"""
+"""Stage download and Kaggle I/O: the competition from Kaggle (official `kaggle` client), a local zip or folder,
+or the embedded sample, extracted with nested zips unpacked and moved into place whole; and submitting a file.
+Every failure a user can cause is a one-line `KaggleError`; credentials never reach messages or logs."""
 
 from __future__ import annotations
 
@@ -31,7 +23,9 @@ import requests
 from tqdm import tqdm
 
 from kagglecls.atomic import building_folder
+from kagglecls.competition import build_sample_competition
 from kagglecls.errors import UserError
+from kagglecls.params import Params
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +43,24 @@ class KaggleError(UserError):
 
 def competition_url(competition: str) -> str:
     return f"https://www.kaggle.com/competitions/{competition}"
+
+
+def download(*, params: Params, dest: Path) -> None:
+    """data/raw: the competition as Kaggle ships it (or the embedded sample built in the same layout)."""
+    data = params.data
+    if data.source == "sample":
+        sample = data.sample
+        build_sample_competition(
+            dest,
+            n_classes=sample.n_classes,
+            train_per_class=sample.train_per_class,
+            n_test=sample.n_test,
+            image_size=sample.image_size,
+            seed=params.base.seed,
+        )
+    else:
+        fetch_competition(source=data.source, competition=data.competition, dest=dest)
+    logger.info("download: competition in %s", dest)
 
 
 def fetch_competition(*, source: str, competition: str, dest: Path) -> None:

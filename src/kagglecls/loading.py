@@ -9,22 +9,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from kagglecls import images
 from kagglecls.data import (
     ImageDataset,
-    ManifestRow,
     Normalisation,
     cache_short_side,
     make_loader,
-    read_class_info,
-    read_manifest,
     resized_files,
 )
+from kagglecls.device import SINGLE_PROCESS, DistributedContext, StepSettings, pick_device, unwrapped
+from kagglecls.manifest import ManifestRow, read_class_info, read_manifest
 from kagglecls.models import ARCH_SPECS, Classifier, build_classifier, set_train_mode
 from kagglecls.params import Params
-from kagglecls.training import SINGLE_PROCESS, DistributedContext, StepSettings, pick_device
 
 
 @dataclass(frozen=True)
@@ -48,19 +45,13 @@ def load_splits(reorganised: Path) -> tuple[dict[str, Split], list[str]]:
 def step_settings(
     params: Params, device: torch.device, model: Classifier | None = None, *, bn_statistics: str = "batch"
 ) -> StepSettings:
-    frozen_bn = params.model.frozen_bn
-    settings = StepSettings(
-        device=device, amp=params.base.amp, channels_last=params.base.channels_last, frozen_bn=frozen_bn
-    )
+    settings = StepSettings(device=device, amp=params.base.amp, channels_last=params.base.channels_last)
     if model is not None:
+        frozen_bn = params.model.frozen_bn
         settings.train_mode = lambda wrapped: set_train_mode(
-            _inner(wrapped), frozen_bn=frozen_bn, bn_statistics=bn_statistics
+            unwrapped(wrapped), frozen_bn=frozen_bn, bn_statistics=bn_statistics
         )
     return settings
-
-
-def _inner(model: nn.Module) -> Classifier:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def normalisation_for(arch: str) -> Normalisation:
@@ -69,13 +60,8 @@ def normalisation_for(arch: str) -> Normalisation:
 
 
 def loader_workers(requested: int | str, *, device_type: str) -> int:
-    """Data loader worker processes: the number asked for, or for `auto` 0 on CPU and up to 8 on CUDA.
-
-    On CPU the compute threads already use every core, and a worker competing with them costs more than
-    the decoding it takes off them (measured on 2 cores at 64 px: 5.3 s an epoch with one worker, 4.9 s
-    without; cached images decode in 0.5 ms, about 12% of a training step). A GPU waits for its batches,
-    so there every core but one decodes, shared among the processes torchrun starts on the machine.
-    """
+    """Loader worker processes: the number asked for, or for `auto` 0 on CPU (the compute threads already use
+    every core) and on CUDA every core but one, shared among torchrun's processes, at most 8."""
     if requested != "auto":
         return int(requested)
     if device_type != "cuda":
@@ -97,7 +83,7 @@ def image_loader(
     context: DistributedContext = SINGLE_PROCESS,
     shard: bool = False,
     seed_offset: int = 0,
-):  # noqa: ANN001, ANN201
+):
     """A loader over the split's pre-resized images; `shard` gives each torchrun rank its own part of them.
 
     Under torchrun every rank must call this in the same order: rank 0 builds missing cache files while the
@@ -153,7 +139,7 @@ def to_device(model: Classifier, settings: StepSettings) -> Classifier:
 def load_classifier(params: Params, *, head_path: Path, weights_key: str) -> tuple[Classifier, list[str]]:
     state = torch.load(head_path, map_location="cpu", weights_only=True)
     classes = list(state["classes"])
-    model = build_model(params, len(classes), pretrained=params.model.pretrained and weights_key == "head")
+    model = build_model(params, len(classes), pretrained=weights_key == "head" and params.model.pretrained)
     if weights_key == "head":
         model.head.load_state_dict(state["head"])
     else:

@@ -1,10 +1,6 @@
-"""The head on precomputed activations as what it is: a multinomial logistic regression on standardised
-features, fitted full-batch with torch.optim.LBFGS, its L2 penalty chosen by stratified k-fold
-cross-validation on the training rows alone. Imports nothing of ours.
-
-A linear model on a frozen body's features is the baseline the head must match (scikit-learn's
-LogisticRegression with C chosen by cross-validation), and a full-batch fit needs no lr, no epochs and no
-schedule: on the arrays it takes seconds.
+"""The head on precomputed activations as what it is: a multinomial logistic regression on standardised features,
+fitted full-batch with torch.optim.LBFGS, its L2 penalty chosen by stratified k-fold cross-validation on the
+training rows alone. No lr, no epochs, no schedule. Imports nothing of ours.
 """
 
 from __future__ import annotations

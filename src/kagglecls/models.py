@@ -150,14 +150,9 @@ _SAME_PADDING_CONVS = frozenset({"Conv2dStaticSamePadding", "Conv2dDynamicSamePa
 
 
 def _symmetric_padding_where_same(network: nn.Module) -> None:
-    """Swap the stride-1 'SAME'-padded convolutions for plain ones padded by kernel // 2 inside the conv.
-
-    The package pads with a ZeroPad2d module before every such conv: a copy of the whole feature map
-    (measured: 6% of a training step at 64 px). At stride 1 with an odd kernel TensorFlow's SAME padding is
-    symmetric, so the plain conv computes exactly the same thing, at any image size; the stride-2 convs pad
-    asymmetrically and stay as they are.
-    Parameter names do not change, so saved weights load either way.
-    """
+    """Swap the stride-1 'SAME'-padded convs (a ZeroPad2d copy of the map before each) for plain convs padded by
+    kernel // 2: at stride 1 with an odd kernel SAME padding is symmetric, so the result is exactly the same.
+    Stride-2 convs pad asymmetrically and stay. Parameter names do not change."""
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             kernel = getattr(child, "kernel_size", (0, 0))
@@ -198,15 +193,9 @@ CONV_BN_PAIRS = (
 
 
 def fused_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` in which each conv of CONV_BN_PAIRS and the BatchNorm after it are one conv
-    (torch.nn.utils.fusion.fuse_conv_bn_eval), for inference that trains nothing: validation and TTA.
-
-    In eval mode a BatchNorm is a per-channel affine map, so the pair is one conv: one pass over each feature
-    map instead of two. Measured on EfficientNet-Lite0, 128 images at 64 px, 2 busy cores: 0.36 s a batch
-    against 0.47 s, and 0.11 s to make the copy. The fused weights round differently (about 1e-5), and the
-    sample's figures move with any such change to what training sees, so the model that trains, precompute
-    included, keeps conv then BatchNorm.
-    """
+    """An eval-mode copy of `model` with each conv of CONV_BN_PAIRS and its BatchNorm fused into one conv
+    (fuse_conv_bn_eval), for validation and TTA. Training and precompute keep conv then BatchNorm: the fused
+    weights round differently (about 1e-5)."""
     fused = copy.deepcopy(model).eval()
     for parent in list(fused.modules()):
         for conv_name, batchnorm_name in CONV_BN_PAIRS:
@@ -222,8 +211,8 @@ def fused_for_inference(model: nn.Module) -> nn.Module:
 
 
 def _relu6_in_place(network: nn.Module) -> None:
-    """ReLU6 in place: the package allocates a new map for each of its 33 activations (measured part of the
-    1.7x above). Autograd allows it: no op before a ReLU6 here needs its own output for the backward pass."""
+    """ReLU6 in place, sparing a new map per activation; no op before a ReLU6 here needs its own output for
+    the backward pass."""
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.ReLU6:
@@ -304,12 +293,8 @@ def unfreeze(model: Classifier) -> None:
 
 
 def set_train_mode(model: Classifier, *, frozen_bn: str = "eval", bn_statistics: str = "batch") -> None:
-    """model.train(), with two exceptions that keep the body computing what the head was trained on.
-
-    frozen_bn "eval": fully frozen groups stay in eval mode (BatchNorm running stats, no stochastic depth), so a
-    frozen body computes exactly what precompute stored. bn_statistics "frozen": every BatchNorm of the body
-    normalises with its running statistics even while its group trains (its affine parameters still learn).
-    """
+    """model.train(), except: frozen_bn "eval" keeps fully frozen groups in eval mode (so a frozen body computes
+    what precompute stored); bn_statistics "frozen" keeps every body BatchNorm on its running statistics."""
     model.train()
     for group in model.layer_groups[:-1]:
         for module in group:
@@ -319,10 +304,6 @@ def set_train_mode(model: Classifier, *, frozen_bn: str = "eval", bn_statistics:
                 for submodule in module.modules():
                     if isinstance(submodule, nn.modules.batchnorm._BatchNorm):
                         submodule.eval()
-
-
-def body_is_frozen(model: Classifier) -> bool:
-    return not any(parameter.requires_grad for parameter in model.body.parameters())
 
 
 def group_parameters(model: Classifier) -> list[list[nn.Parameter]]:

@@ -22,12 +22,6 @@ class ParamsError(UserError, ValueError):
     """A param that is unknown, of the wrong type or out of range."""
 
 
-ARCHS = ("efficientnet_lite0", "resnet34", "resnext50_32x4d", "resnext101_32x8d")
-AUGMENTATIONS = ("side_on", "top_down", "none")
-SCHEDULES = ("sgdr", "one_cycle")
-OPTIMIZERS = ("adam", "sgd")
-SUGGESTIONS = ("valley", "minimum", "steep")
-LAYOUTS = ("auto", "labels_csv", "class_folders", "filename")
 # The smallest square side the archs' five stride-2 stages can take and still leave a 1x1 map.
 MIN_IMAGE_SIZE = 32
 

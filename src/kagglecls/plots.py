@@ -1,10 +1,8 @@
-"""PNG figures (matplotlib's Agg canvas, no pyplot, no display) and the CSV/JSON files DVC renders as plots and
-metrics."""
+"""PNG figures on matplotlib's Agg canvas (no pyplot, no display), and the size_histogram stage. Imported only
+by the stages that draw, so a figure's look reruns only those."""
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,22 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from kagglecls.atomic import write_file
+from kagglecls.atomic import write_file, write_json
+from kagglecls.manifest import read_manifest
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-
-def write_json(data: dict, path: Path) -> None:
-    with write_file(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_csv(rows: Sequence[dict], path: Path, *, columns: Sequence[str]) -> None:
-    with write_file(path) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _figure(**options: object) -> Figure:
@@ -118,3 +105,18 @@ def plot_image_grid(images: Sequence[Image.Image], titles: Sequence[str], *, pat
         axes.imshow(image)
         axes.set_title(title, fontsize=8)
     _save(figure, path)
+
+
+def size_histogram(*, reorganised: Path, png: Path, summary: Path) -> None:
+    """Widths and heights of the training images: a histogram PNG and a JSON summary (DVC metrics)."""
+    rows = [row for row in read_manifest(reorganised / "manifest.csv") if row.split in ("train", "valid")]
+    widths = np.array([row.width for row in rows])
+    heights = np.array([row.height for row in rows])
+    plot_size_histogram(widths, heights, path=png)
+    figures = {"count": len(rows)}
+    for name, values in (("width", widths), ("height", heights)):
+        for label, value in zip(
+            ("min", "p10", "median", "p90", "max"), np.percentile(values, [0, 10, 50, 90, 100]), strict=True
+        ):
+            figures[f"{name}_{label}"] = float(value)
+    write_json(figures, summary)

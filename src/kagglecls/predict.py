@@ -1,16 +1,19 @@
-"""Stages predict_tta and submission: TTA, interpretation, and the Kaggle file."""
+"""Stage predict_tta: test-time augmentation, temperature calibration, and interpretation (confusion matrix,
+most confused pairs, top losses)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kagglecls import images, inference, plots
-from kagglecls.atomic import write_file
+from kagglecls import images, plots
+from kagglecls.atomic import write_csv, write_file, write_json
 from kagglecls.data import EvalPreset, TrainPreset, TtaViews
+from kagglecls.device import pick_device, seed_everything
 from kagglecls.loading import (
     image_loader,
     load_classifier,
@@ -20,13 +23,7 @@ from kagglecls.loading import (
     to_device,
 )
 from kagglecls.params import Params
-from kagglecls.training import (
-    accuracy,
-    log_loss,
-    pick_device,
-    predict_probabilities,
-    seed_everything,
-)
+from kagglecls.training import accuracy, log_loss, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +60,15 @@ def predict_tta(
     temperature = None
     if params.predict_tta.calibration == "temperature":
         # Fitted on valid, so the calibrated valid figure flatters; the test predictions get the same T.
-        temperature = inference.fit_temperature(valid, targets)
-        valid = inference.apply_temperature(valid, temperature)
+        temperature = fit_temperature(valid, targets)
+        valid = apply_temperature(valid, temperature)
         report.update(
             valid_log_loss_uncalibrated=report["valid_log_loss"],
             valid_log_loss=log_loss(valid, targets),
             temperature=temperature,
         )
     _interpret(params, valid, splits["valid"], classes, reorganised, cache_dir, plots_dir)
-    plots.write_json(report, metrics)
+    write_json(report, metrics)
     test = splits["test"]
     test_probabilities = (
         _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
@@ -79,7 +76,7 @@ def predict_tta(
         else np.zeros((0, len(classes)))
     )
     if temperature is not None:
-        test_probabilities = inference.apply_temperature(test_probabilities, temperature)
+        test_probabilities = apply_temperature(test_probabilities, temperature)
     _save_predictions(predictions, ids=[row.id for row in test.rows], probabilities=test_probabilities)
     log.info(
         "predict_tta: valid log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
@@ -89,7 +86,7 @@ def predict_tta(
     )
 
 
-def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:
     """(TTA probabilities, plain-pass probabilities) for the split's images, in its order: one pass over the
     images, each decoded once into its plain view and n_aug augmented ones."""
     normalisation = normalisation_for(params.model.arch)
@@ -117,14 +114,14 @@ def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tup
     )
     probabilities, _ = predict_probabilities(model, loader, settings=settings, description="tta", views=True)
     plain, augmented = probabilities[:, 0], list(probabilities[:, 1:].transpose(1, 0, 2))
-    return inference.combine_tta(plain, augmented, beta=params.predict_tta.beta), plain
+    return combine_tta(plain, augmented, beta=params.predict_tta.beta), plain
 
 
-def _interpret(params, probabilities, split, classes, reorganised, cache_dir, plots_dir: Path) -> None:  # noqa: ANN001
+def _interpret(params, probabilities, split, classes, reorganised, cache_dir, plots_dir: Path) -> None:
     targets = split.labels
-    counts = inference.confusion_matrix(targets, probabilities.argmax(axis=1), n_classes=len(classes))
+    counts = confusion_matrix(targets, probabilities.argmax(axis=1), n_classes=len(classes))
     plots.plot_confusion(counts, classes, path=plots_dir / "confusion_matrix.png")
-    plots.write_csv(
+    write_csv(
         [
             {"actual": classes[t], "predicted": classes[p]}
             for t, p in zip(targets, probabilities.argmax(axis=1), strict=True)
@@ -132,13 +129,13 @@ def _interpret(params, probabilities, split, classes, reorganised, cache_dir, pl
         plots_dir / "confusion.csv",
         columns=("actual", "predicted"),
     )
-    pairs = inference.most_confused(counts, classes)
-    plots.write_csv(
+    pairs = most_confused(counts, classes)
+    write_csv(
         [asdict(pair) for pair in pairs],
         plots_dir / "most_confused.csv",
         columns=("actual", "predicted", "count"),
     )
-    worst = inference.top_losses(probabilities, targets, k=params.predict_tta.top_losses)
+    worst = top_losses(probabilities, targets, k=params.predict_tta.top_losses)
     pictures = [images.load_rgb(reorganised / split.rows[item.index].file, short_side=160) for item in worst]
     titles = [
         f"actual {classes[item.actual]}\npredicted {classes[item.predicted]} "
@@ -151,3 +148,87 @@ def _interpret(params, probabilities, split, classes, reorganised, cache_dir, pl
 def _save_predictions(path: Path, *, ids: list[str], probabilities: np.ndarray) -> None:
     with write_file(path) as temporary:
         np.savez(temporary, ids=np.array(ids, dtype=str), probabilities=probabilities.astype(np.float64))
+
+
+def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: float) -> np.ndarray:
+    """fastai 2's tta: (1 - beta) x mean of the augmented passes + beta x the plain pass.
+
+    With no augmented pass the plain probabilities are returned unchanged.
+    """
+    if not augmented:
+        return plain
+    return (1 - beta) * np.mean(np.stack(augmented), axis=0) + beta * plain
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T): T > 1 softens over-confident probabilities, T < 1 sharpens; the argmax is kept."""
+    logits = np.log(np.clip(probabilities, 1e-15, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(logits)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    """Temperature scaling (Guo et al., 2017): the one T in [0.1, 10] minimising the log loss of
+    apply_temperature(probabilities, T) against `targets`."""
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_temperature: float) -> float:
+        calibrated = apply_temperature(probabilities, float(np.exp(log_temperature)))
+        return float(-np.mean(np.log(np.clip(calibrated[np.arange(len(targets)), targets], 1e-15, 1.0))))
+
+    found = minimize_scalar(loss, bounds=(np.log(0.1), np.log(10.0)), method="bounded")
+    return float(np.exp(found.x))
+
+
+def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, *, n_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (targets, predictions), 1)
+    return counts
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    actual: str
+    predicted: str
+    count: int
+
+
+def most_confused(counts: np.ndarray, classes: Sequence[str], *, min_count: int = 1) -> list[ConfusedPair]:
+    """Off-diagonal cells of the confusion matrix, largest first (ties by class order)."""
+    pairs = [
+        ConfusedPair(classes[actual], classes[predicted], int(counts[actual, predicted]))
+        for actual in range(len(classes))
+        for predicted in range(len(classes))
+        if actual != predicted and counts[actual, predicted] >= min_count
+    ]
+    return sorted(pairs, key=lambda pair: -pair.count)
+
+
+@dataclass(frozen=True)
+class TopLoss:
+    index: int
+    loss: float
+    actual: int
+    predicted: int
+    probability_of_predicted: float
+
+
+def top_losses(
+    probabilities: np.ndarray, targets: np.ndarray, *, k: int, eps: float = 1e-15
+) -> list[TopLoss]:
+    """The k items with the highest log loss, highest first."""
+    losses = -np.log(np.clip(probabilities[np.arange(len(targets)), targets], eps, 1.0))
+    order = np.argsort(-losses, kind="stable")[:k]
+    predicted = probabilities.argmax(axis=1)
+    return [
+        TopLoss(
+            index=int(index),
+            loss=float(losses[index]),
+            actual=int(targets[index]),
+            predicted=int(predicted[index]),
+            probability_of_predicted=float(probabilities[index, predicted[index]]),
+        )
+        for index in order
+    ]

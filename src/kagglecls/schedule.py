@@ -79,17 +79,6 @@ def one_cycle_factor(
     return cosine_between(1.0, 1 / div_final, min(position, 1.0))
 
 
-def one_cycle_momentum(
-    step: int, *, total_steps: int, pct_start: float = 0.25, high: float = 0.95, low: float = 0.85
-) -> float:
-    """Momentum cycled inversely to the lr: high -> low during warm-up, then back to high."""
-    warm_steps = pct_start * total_steps
-    if step < warm_steps:
-        return cosine_between(high, low, step / warm_steps)
-    position = (step - warm_steps) / max(total_steps - warm_steps, 1)
-    return cosine_between(low, high, min(position, 1.0))
-
-
 @dataclass(frozen=True)
 class Schedule:
     """A whole fit's schedule: how many steps, and the lr factor at each."""

@@ -1,15 +1,8 @@
-"""Submissions in the exact format of a competition's `sample_submission.csv`: read, build, validate, write.
+"""Stage submission: the Kaggle file in the exact format of the competition's sample_submission.csv.
 
-The format is read from the sample's header and values:
-
-- `probabilities`: the id and one probability column per class (Dog Breed Identification); columns are matched
-  to classes by name.
-- `label`: the id and one column of class names (Plant Seedlings Classification), or of numbers that are class
-  names (a sample showing `4` where the classes are `0`..`4`, or any number outside [0, 1]).
-- `binary`: the id and one column of numbers in [0, 1] (Dogs vs. Cats Redux: `id,label` with `0.5`): the
-  probability of `positive_class`. Unless named, the positive class is the one whose name the column names
-  (`is_dog` -> `dog`), else the class whose name sorts last: Dogs vs. Cats Redux scores `label` as the
-  probability of dog, and "dog" > "cat"; for classes `0`/`1`, `1`.
+Formats read from the sample: `probabilities` (one column per class, matched by name), `label` (one column of
+class names) and `binary` (one column in [0, 1]: the probability of `positive_class`; unless named, the class
+the column names, `is_dog` -> `dog`, else the class whose name sorts last, as Dogs vs. Cats Redux scores dog).
 """
 
 from __future__ import annotations
@@ -17,7 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -26,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from kagglecls.atomic import write_file
-from kagglecls.errors import UserError
+from kagglecls.errors import UserError, examples
+from kagglecls.manifest import read_class_info
+from kagglecls.params import Params
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("probabilities", "label", "binary")
 ROW_SUM_TOLERANCE = 1e-4  # how far a row of probabilities may sum from 1
-EXAMPLES_SHOWN = 5  # how many offending names a message lists before "..."
 
 
 class SubmissionError(UserError):
@@ -46,12 +40,6 @@ class SubmissionFormat:
     value_columns: tuple[str, ...]  # columns after the id, in the sample's order
     ids: tuple[str, ...]  # the sample's ids, in order
     positive_class: str | None  # for "binary": the class whose probability the column holds
-
-
-def _examples(items: Iterable[object]) -> str:
-    items = list(items)
-    shown = ", ".join(repr(str(item)) for item in items[:EXAMPLES_SHOWN])
-    return shown + (", ..." if len(items) > EXAMPLES_SHOWN else "")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,7 +77,7 @@ def read_sample_submission(
         ids=tuple(ids),
         positive_class=chosen_positive,
     )
-    logger.info("%s: %s submission, %d ids, columns %s", path, kind, len(fmt.ids), _examples(table.columns))
+    logger.info("%s: %s submission, %d ids, columns %s", path, kind, len(fmt.ids), examples(table.columns))
     return fmt
 
 
@@ -106,11 +94,11 @@ def _read_sample_table(path: Path) -> pd.DataFrame:
     header = [name.strip() for name in header]
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise SubmissionError(f"{path}: the header repeats column names {_examples(repeated)}")
+        raise SubmissionError(f"{path}: the header repeats column names {examples(repeated)}")
     if len(header) < 2 or len(table) == 0:
         raise SubmissionError(
             f"{path}: expected an id column, at least one value column and at least one row, found columns "
-            f"{_examples(header)} and {len(table)} rows"
+            f"{examples(header)} and {len(table)} rows"
         )
     table.columns = header
     return table.apply(lambda column: column.str.strip())
@@ -123,7 +111,7 @@ def _sample_kind(table: pd.DataFrame, *, path: Path, classes: tuple[str, ...] | 
         not_numeric = [column for column in value_columns if numbers[column].isna().any()]
         if not_numeric:
             raise SubmissionError(
-                f"{path}: expected one probability column per class, but columns {_examples(not_numeric)} "
+                f"{path}: expected one probability column per class, but columns {examples(not_numeric)} "
                 "hold values that are not numbers"
             )
         return "probabilities"
@@ -142,8 +130,8 @@ def _check_class_columns(value_columns: tuple[str, ...], classes: Sequence[str],
     if lacking or excess:
         raise SubmissionError(
             f"{source}: the probability columns and the training classes differ: the training labels lack "
-            f"{len(lacking)} ({_examples(lacking) or 'none'}) and have {len(excess)} in excess "
-            f"({_examples(excess) or 'none'})"
+            f"{len(lacking)} ({examples(lacking) or 'none'}) and have {len(excess)} in excess "
+            f"({examples(excess) or 'none'})"
         )
 
 
@@ -155,7 +143,7 @@ def _positive_class(
         if classes is not None and positive_class not in classes:
             raise SubmissionError(
                 f"{source}: positive_class {positive_class!r} is not a training class; expected one of "
-                f"{_examples(classes)}"
+                f"{examples(classes)}"
             )
         return positive_class
     if classes is None:
@@ -164,7 +152,7 @@ def _positive_class(
         raise SubmissionError(
             f"{source}: a single probability column {column!r} needs exactly 2 classes, the training labels "
             f"have "
-            f"{len(classes)} ({_examples(sorted(classes))})"
+            f"{len(classes)} ({examples(sorted(classes))})"
         )
     words = set(re.split(r"[^0-9a-z]+", column.lower()))
     named = [name for name in classes if name.lower() in words]
@@ -221,8 +209,8 @@ def _rows_in_sample_order(ids: tuple[str, ...], fmt: SubmissionFormat) -> list[i
     if missing or extra:
         raise SubmissionError(
             f"predictions: ids differ from the sample submission's: {len(missing)} sample ids have no "
-            f"prediction ({_examples(missing) or 'none'}) and {len(extra)} predicted ids are not in the "
-            f"sample ({_examples(extra) or 'none'})"
+            f"prediction ({examples(missing) or 'none'}) and {len(extra)} predicted ids are not in the "
+            f"sample ({examples(extra) or 'none'})"
         )
     return [row_of[image_id] for image_id in fmt.ids]
 
@@ -318,7 +306,7 @@ def _check_labels(values: pd.Series, *, ids: tuple[str, ...], classes: Sequence[
     ]
     if bad_rows:
         row = bad_rows[0]
-        expected = "a class name" if classes is None else f"one of {_examples(sorted(allowed))}"
+        expected = "a class name" if classes is None else f"one of {examples(sorted(allowed))}"
         raise SubmissionError(
             f"submission row {row + 1} (id {ids[row]!r}): label {values.iloc[row]!r} is not {expected} "
             f"({len(bad_rows)} bad rows)"
@@ -333,3 +321,31 @@ def write_submission(frame: pd.DataFrame, path: Path) -> None:
     ):
         frame.to_csv(stream, index=False, lineterminator="\n")
     logger.info("wrote %s (%d rows, %d columns)", path, len(frame), len(frame.columns))
+
+
+def make_submission(
+    *, params: Params, raw_dir: Path, reorganised: Path, predictions: Path, out_csv: Path
+) -> None:
+    """The Kaggle file: the sample's columns and id order; ids without a readable image get the class prior."""
+    info = read_class_info(reorganised)
+    classes = tuple(info.classes)
+    fmt = read_sample_submission(
+        raw_dir / "sample_submission.csv", classes=classes, positive_class=params.submission.positive_class
+    )
+    saved = np.load(predictions)
+    by_id = dict(zip(saved["ids"].tolist(), saved["probabilities"], strict=True))
+    prior = np.asarray(info.prior, dtype=np.float64)
+    missing = [item for item in fmt.ids if item not in by_id]
+    if missing:
+        logger.warning(
+            "submission: %d ids without a readable test image get the class prior, e.g. %s",
+            len(missing),
+            ", ".join(missing[:5]),
+        )
+    probabilities = (
+        np.stack([by_id.get(item, prior) for item in fmt.ids]) if fmt.ids else np.zeros((0, len(classes)))
+    )
+    frame = build_submission(fmt, ids=fmt.ids, classes=classes, probabilities=probabilities)
+    validate_submission(frame, fmt)
+    write_submission(frame, out_csv)
+    logger.info("submission: %s (%d rows, %d columns)", out_csv, len(frame), len(frame.columns))

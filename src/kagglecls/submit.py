@@ -1,13 +1,6 @@
-"""Validate data/submission.csv against the competition's sample, then submit it to Kaggle.
-
-Run from the project root:
-
-    make submit MESSAGE="resnet34, 3 cycles"
-    kagglecls-submit --message "resnet34, 3 cycles"
-
-Never a DVC stage: a submission spends one of the day's allowance and the leaderboard is not an artifact.
-The description sent to Kaggle names the git commit, the DVC experiment (env DVC_EXP_NAME) if any, and the
-validation log loss from metrics/predict_tta.json. Errors are one line on stderr and exit code 2.
+"""`make submit MESSAGE="..."` / `kagglecls-submit --message "..."`: validate data/submission.csv against the
+sample, then submit it to Kaggle with the git commit, DVC experiment and valid log loss in its description.
+Never a DVC stage: a submission spends the day's allowance. Errors are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -115,13 +108,6 @@ def _validate(submission_csv: Path, sample_csv: Path) -> None:
         validate_submission(frame, fmt)
     except SubmissionError as error:
         raise SubmissionError(f"{submission_csv}: {error}") from None
-
-
-def _header_difference(header: list[str], sample_header: list[str]) -> str:
-    for index, (found, expected) in enumerate(zip(header, sample_header, strict=False)):  # lengths may differ
-        if found != expected:
-            return f"column {index + 1} is {found!r}, expected {expected!r}"
-    return f"{len(header)} columns, expected {len(sample_header)}"
 
 
 if __name__ == "__main__":

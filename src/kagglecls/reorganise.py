@@ -1,8 +1,5 @@
-"""Stages download, reorganise and size_histogram: from Kaggle's files to class folders and a manifest.
-
-Every output is built under a temporary name next to its place and moved there whole, so a killed stage never
-leaves a folder that looks finished.
-"""
+"""Stage reorganise: Kaggle's files to class folders train/<class>/, valid/<class>/ and test/, a manifest, the
+class list and a report of unreadable images, built in a temporary folder and moved into place whole."""
 
 from __future__ import annotations
 
@@ -12,17 +9,13 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-
-from kagglecls import competition as competition_module
-from kagglecls import images, plots
-from kagglecls.atomic import building_folder
+from kagglecls import competition, images
+from kagglecls.atomic import building_folder, write_json
 from kagglecls.manifest import (
     ClassInfo,
     DataError,
     ManifestRow,
     file_md5,
-    read_manifest,
     stratified_split,
     write_manifest,
 )
@@ -31,30 +24,10 @@ from kagglecls.params import Params
 log = logging.getLogger(__name__)
 
 
-def download(*, params: Params, dest: Path) -> None:
-    """data/raw: the competition as Kaggle ships it (or the embedded sample built in the same layout)."""
-    data = params.data
-    if data.source == "sample":
-        sample = data.sample
-        competition_module.build_sample_competition(
-            dest,
-            n_classes=sample.n_classes,
-            train_per_class=sample.train_per_class,
-            n_test=sample.n_test,
-            image_size=sample.image_size,
-            seed=params.base.seed,
-        )
-    else:
-        from kagglecls.kaggle_io import fetch_competition
-
-        fetch_competition(source=data.source, competition=data.competition, dest=dest)
-    log.info("download: competition in %s", dest)
-
-
 def reorganise(*, params: Params, raw_dir: Path, out_dir: Path) -> None:
     """Class folders train/<class>/, valid/<class>/ (stratified split), test/, a manifest and a bad-image report."""
     data = params.data
-    found = competition_module.load_competition(
+    found = competition.load_competition(
         raw_dir,
         layout=data.layout,
         labels_file=data.labels_file,
@@ -93,7 +66,7 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path) -> None:
             [counts[name] / total for name in found.classes],
             [_relative(warning, raw_root) for warning in found.warnings],
         )
-        plots.write_json(asdict(info), temporary / "classes.json")
+        write_json(asdict(info), temporary / "classes.json")
     log.info("reorganise: %d images (%d unreadable) into %s", len(rows), len(bad), out_dir)
 
 
@@ -101,7 +74,7 @@ def _relative(text: str | None, root: Path) -> str | None:
     return None if text is None else text.replace(f"{root}{os.sep}", "")
 
 
-def _stop_if_too_many_bad(found, by_path, max_bad_fraction: float) -> None:  # noqa: ANN001
+def _stop_if_too_many_bad(found, by_path, max_bad_fraction: float) -> None:
     bad_train = [path for path in found.train_files if by_path[path].error is not None]
     for path in bad_train:
         log.warning("reorganise: skipping unreadable training image %s: %s", path, by_path[path].error)
@@ -113,7 +86,7 @@ def _stop_if_too_many_bad(found, by_path, max_bad_fraction: float) -> None:  # n
         )
 
 
-def _place_training_images(found, by_path, root: Path, *, valid_pct: float, seed: int) -> list[ManifestRow]:  # noqa: ANN001
+def _place_training_images(found, by_path, root: Path, *, valid_pct: float, seed: int) -> list[ManifestRow]:
     readable = [
         (path, label)
         for path, label in zip(found.train_files, found.train_labels, strict=True)
@@ -131,7 +104,7 @@ def _place_training_images(found, by_path, root: Path, *, valid_pct: float, seed
     return rows
 
 
-def _place_test_images(found, by_path, root: Path) -> list[ManifestRow]:  # noqa: ANN001
+def _place_test_images(found, by_path, root: Path) -> list[ManifestRow]:
     rows = []
     for item_id, path in zip(found.test_ids, found.test_files, strict=True):
         if path is None or by_path[path].error is not None:
@@ -146,7 +119,7 @@ def _place_test_images(found, by_path, root: Path) -> list[ManifestRow]:  # noqa
 
 def _copy_image(
     source: Path, root: Path, relative: Path, *, label: str, split: str, item_id: str, check
-) -> ManifestRow:  # noqa: ANN001
+) -> ManifestRow:
     target = root / relative
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
@@ -163,18 +136,3 @@ def _copy_image(
 
 def _folder_name(label: str) -> str:
     return label.replace("/", "_").replace("\\", "_") or "_"
-
-
-def size_histogram(*, reorganised: Path, png: Path, summary: Path) -> None:
-    """Widths and heights of the training images: a histogram PNG and a JSON summary (DVC metrics)."""
-    rows = [row for row in read_manifest(reorganised / "manifest.csv") if row.split in ("train", "valid")]
-    widths = np.array([row.width for row in rows])
-    heights = np.array([row.height for row in rows])
-    plots.plot_size_histogram(widths, heights, path=png)
-    figures = {"count": len(rows)}
-    for name, values in (("width", widths), ("height", heights)):
-        for label, value in zip(
-            ("min", "p10", "median", "p90", "max"), np.percentile(values, [0, 10, 50, 90, 100]), strict=True
-        ):
-            figures[f"{name}_{label}"] = float(value)
-    plots.write_json(figures, summary)
