@@ -189,7 +189,7 @@ def load_competition(
     if layout not in LAYOUTS:
         raise CompetitionError(f"layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
     sample_path = raw_dir / sample_submission
-    test_ids = _read_sample_ids(sample_path)
+    test_ids = tuple(read_sample_table(sample_path).iloc[:, 0])
     train_folder = _image_folder(raw_dir / train_dir, role="training")
     if layout == "auto":
         layout = _detect_layout(raw_dir, train_folder, labels_file=labels_file, sample_path=sample_path)
@@ -259,10 +259,10 @@ def _image_folder(folder: Path, *, role: str) -> Path:
             return folder
 
 
-def _read_csv_strings(path: Path, *, what: str) -> pd.DataFrame:
+def _read_csv_strings(path: Path, *, what: str, header: int | None = 0) -> pd.DataFrame:
     """A CSV file with every cell as a string (ids such as '001' keep their zeros; blank cells are '')."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", header=header)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompetitionError(f"{path}: could not read the {what} as CSV: {reason}") from None
@@ -274,26 +274,33 @@ def _line_numbers(mask: Sequence[bool]) -> list[int]:
     return [row + 2 for row, flagged in enumerate(mask) if flagged]
 
 
-def _read_sample_ids(sample_path: Path) -> tuple[str, ...]:
+def read_sample_table(sample_path: Path) -> pd.DataFrame:
+    """sample_submission.csv as strings: distinct column names, an id column of unique non-empty ids first."""
     if not sample_path.is_file():
         raise CompetitionError(
             f"{sample_path}: sample submission not found; expected the competition's sample_submission.csv "
             "(set sample_submission to its name)"
         )
-    table = _read_csv_strings(sample_path, what="sample submission")
-    if len(table.columns) < 2 or len(table) == 0:
+    # Read without a header, so a repeated column name is not renamed away by pandas.
+    rows = _read_csv_strings(sample_path, what="sample submission", header=None)
+    header, table = list(rows.iloc[0]), rows.iloc[1:].reset_index(drop=True)
+    table.columns = header
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise CompetitionError(f"{sample_path}: the header repeats column names {examples(repeated)}")
+    if len(header) < 2 or len(table) == 0:
         raise CompetitionError(
             f"{sample_path}: expected an id column, at least one value column and at least one row, "
-            f"found columns {examples(table.columns)} and {len(table)} rows"
+            f"found columns {examples(header)} and {len(table)} rows"
         )
-    ids = table[table.columns[0]]
+    ids = table[header[0]]
     blank = _line_numbers(ids == "")
     if blank:
         raise CompetitionError(
             f"{sample_path}: line {blank[0]} has an empty id ({len(blank)} lines with no id)"
         )
     _check_unique_ids(ids, path=sample_path)
-    return tuple(ids)
+    return table
 
 
 def _check_unique_ids(ids: pd.Series, *, path: Path) -> None:

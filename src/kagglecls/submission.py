@@ -7,7 +7,6 @@ the column names, `is_dog` -> `dog`, else the class whose name sorts last, as Do
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kagglecls.atomic import write_file
+from kagglecls.competition import CompetitionError, read_sample_table
 from kagglecls.errors import UserError, examples
 from kagglecls.manifest import read_class_info
 from kagglecls.params import Params
@@ -51,17 +51,12 @@ def read_sample_submission(
 ) -> SubmissionFormat:
     """The format of `path`; with `classes` (the training labels) it is also checked against them."""
     path = Path(path)
-    table = _read_sample_table(path)
+    try:
+        table = read_sample_table(path)
+    except CompetitionError as error:
+        raise SubmissionError(str(error)) from None
     id_column, *value_columns = table.columns
     ids = table[id_column]
-    repeated = ids.duplicated(keep=False).to_numpy()
-    if repeated.any():
-        first = ids[repeated].iloc[0]
-        first_lines = ", ".join(str(row + 2) for row in np.flatnonzero(ids == first))
-        raise SubmissionError(
-            f"{path}: id {first!r} appears on lines {first_lines}; ids must be unique"
-            f" ({ids[repeated].nunique()} ids appear more than once)"
-        )
     kind = _sample_kind(table, path=path, classes=classes)
     chosen_positive = None
     if kind == "probabilities" and classes is not None:
@@ -79,29 +74,6 @@ def read_sample_submission(
     )
     logger.info("%s: %s submission, %d ids, columns %s", path, kind, len(fmt.ids), examples(table.columns))
     return fmt
-
-
-def _read_sample_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise SubmissionError(f"{path}: sample submission not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as stream:
-            header = next(csv.reader(stream), [])
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SubmissionError(f"{path}: could not read the sample submission as CSV: {reason}") from None
-    header = [name.strip() for name in header]
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise SubmissionError(f"{path}: the header repeats column names {examples(repeated)}")
-    if len(header) < 2 or len(table) == 0:
-        raise SubmissionError(
-            f"{path}: expected an id column, at least one value column and at least one row, found columns "
-            f"{examples(header)} and {len(table)} rows"
-        )
-    table.columns = header
-    return table.apply(lambda column: column.str.strip())
 
 
 def _sample_kind(table: pd.DataFrame, *, path: Path, classes: tuple[str, ...] | None) -> str:
