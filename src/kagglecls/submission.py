@@ -25,7 +25,6 @@ from kagglecls.params import Params
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("probabilities", "label", "binary")
 ROW_SUM_TOLERANCE = 1e-4  # how far a row of probabilities may sum from 1
 
 
@@ -152,7 +151,7 @@ def build_submission(
         values = {column: rows[:, column_of[column]] for column in fmt.value_columns}
     elif fmt.kind == "label":
         values = {fmt.value_columns[0]: [classes[index] for index in rows.argmax(axis=1)]}
-    elif fmt.kind == "binary":
+    else:  # binary
         positive = _positive_class(
             fmt.value_columns[0],
             classes=classes,
@@ -160,10 +159,6 @@ def build_submission(
             source="sample submission",
         )
         values = {fmt.value_columns[0]: rows[:, column_of[positive]]}
-    else:
-        raise SubmissionError(
-            f"submission format: kind must be one of {', '.join(KINDS)}, found {fmt.kind!r}"
-        )
     return pd.DataFrame({fmt.id_column: list(fmt.ids), **values}, columns=[fmt.id_column, *fmt.value_columns])
 
 
@@ -197,48 +192,42 @@ def validate_submission(
     """
     _check_columns(list(frame.columns), fmt)
     _check_ids([str(value) for value in frame[fmt.id_column]], fmt)
-    ids = fmt.ids
     if fmt.kind == "label":
-        _check_labels(frame[fmt.value_columns[0]], ids=ids, classes=classes)
-    elif fmt.kind in ("probabilities", "binary"):
-        _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
+        _check_labels(frame[fmt.value_columns[0]], ids=fmt.ids, classes=classes)
     else:
-        raise SubmissionError(
-            f"submission format: kind must be one of {', '.join(KINDS)}, found {fmt.kind!r}"
-        )
+        _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
+
+
+def _first_difference(found: list, expected: Sequence) -> tuple[int, object, object, int] | None:
+    """(position, found item, expected item, how many positions differ) of two lists, or None if equal."""
+    differing = [
+        (index, *pair) for index, pair in enumerate(zip_longest(found, expected)) if pair[0] != pair[1]
+    ]
+    return (*differing[0], len(differing)) if differing else None
 
 
 def _check_columns(found: list[object], fmt: SubmissionFormat) -> None:
     expected = [fmt.id_column, *fmt.value_columns]
-    differing = [
-        (position, found_name, expected_name)
-        for position, (found_name, expected_name) in enumerate(zip_longest(found, expected))
-        if found_name != expected_name
-    ]
-    if differing:
-        position, found_name, expected_name = differing[0]
+    difference = _first_difference(found, expected)
+    if difference:
+        position, found_name, expected_name, count = difference
         found_text = "nothing" if found_name is None else repr(found_name)
         expected_text = "none" if expected_name is None else repr(expected_name)
         raise SubmissionError(
             f"submission column {position + 1} is {found_text} where the sample has {expected_text} "
-            f"({len(differing)} of {len(expected)} column positions differ; "
-            "expected the sample's columns in order)"
+            f"({count} of {len(expected)} column positions differ; expected the sample's columns in order)"
         )
 
 
 def _check_ids(found: list[str], fmt: SubmissionFormat) -> None:
-    differing = [
-        (row, found_id, expected_id)
-        for row, (found_id, expected_id) in enumerate(zip_longest(found, fmt.ids))
-        if found_id != expected_id
-    ]
-    if differing:
-        row, found_id, expected_id = differing[0]
+    difference = _first_difference(found, fmt.ids)
+    if difference:
+        row, found_id, expected_id, count = difference
         found_text = "missing" if found_id is None else f"id {found_id!r}"
         expected_text = "no row" if expected_id is None else f"id {expected_id!r}"
         raise SubmissionError(
             f"submission row {row + 1} is {found_text} where the sample has {expected_text} "
-            f"({len(differing)} rows differ; {len(found)} rows, the sample has {len(fmt.ids)}; "
+            f"({count} rows differ; {len(found)} rows, the sample has {len(fmt.ids)}; "
             "expected every sample id once, in the sample's order)"
         )
 
@@ -314,10 +303,7 @@ def make_submission(
             len(missing),
             ", ".join(missing[:5]),
         )
-    probabilities = (
-        np.stack([by_id.get(item, prior) for item in fmt.ids]) if fmt.ids else np.zeros((0, len(classes)))
-    )
+    probabilities = np.stack([by_id.get(item, prior) for item in fmt.ids])  # a sample has at least one id
     frame = build_submission(fmt, ids=fmt.ids, classes=classes, probabilities=probabilities)
     validate_submission(frame, fmt)
     write_submission(frame, out_csv)
-    logger.info("submission: %s (%d rows, %d columns)", out_csv, len(frame), len(frame.columns))
