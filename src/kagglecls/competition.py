@@ -1,11 +1,6 @@
-"""Kaggle image-classification competitions as Kaggle ships them, and the small embedded sample competition.
-
-`load_competition` finds the labelled training images and the test image of each sample_submission.csv id in
-one of three layouts: `labels_csv` (Dog Breed: labels.csv and train/<id>.jpg), `class_folders`
-(train/<class>/<file>, Plant Seedlings) or `filename` (train/cat.123.jpg, Dogs vs. Cats Redux). Problems that
-would make the result wrong are one-line `CompetitionError`s; safe ones become counted warnings.
-`build_sample_competition` writes scikit-learn's bundled digits in the Dog Breed layout.
-"""
+"""Kaggle image-classification competitions in their three layouts (labels_csv: Dog Breed, class_folders:
+Plant Seedlings, filename: Dogs vs. Cats Redux), and the embedded sample competition of scikit-learn's
+digits."""
 
 from __future__ import annotations
 
@@ -58,11 +53,8 @@ def build_sample_competition(
     image_size: int = 96,
     seed: int = 0,
 ) -> None:
-    """Write a Dog-Breed-layout competition of handwritten digits to `dest`, byte-for-byte deterministic.
-
-    Built in a temporary folder next to `dest` and moved into place at the end, so `dest` is either the old
-    folder or the complete new one.
-    """
+    """Write a Dog-Breed-layout competition of handwritten digits to `dest`, byte-for-byte deterministic,
+    built aside and moved into place whole."""
     _check_sample_arguments(
         n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, image_size=image_size
     )

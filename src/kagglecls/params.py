@@ -1,8 +1,5 @@
-"""Typed, validated params: `params.yaml` loads into frozen dataclasses, one per section.
-
-An unknown or misspelt key, a wrong type or a value out of range is a `ParamsError` whose one line names the
-key, the value and what is allowed, raised before any work starts.
-"""
+"""Typed, validated params: `params.yaml` loads into frozen dataclasses, one per section; an unknown key, a
+wrong type or a value out of range is a one-line ParamsError naming the key, before any work starts."""
 
 from __future__ import annotations
 

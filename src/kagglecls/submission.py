@@ -1,9 +1,6 @@
-"""Stage submission: the Kaggle file in the exact format of the competition's sample_submission.csv.
-
-Formats read from the sample: `probabilities` (one column per class, matched by name), `label` (one column of
-class names) and `binary` (one column in [0, 1]: the probability of `positive_class`; unless named, the class
-the column names, `is_dog` -> `dog`, else the class whose name sorts last, as Dogs vs. Cats Redux scores dog).
-"""
+"""Stage submission: the Kaggle file in the format of sample_submission.csv: `probabilities` (a column per
+class), `label` (class names) or `binary` (the probability of `positive_class`: unless set, the class the
+column names, `is_dog` -> `dog`, else the class whose name sorts last, as Dogs vs. Cats Redux scores dog)."""
 
 from __future__ import annotations
 
@@ -185,11 +182,8 @@ def _rows_in_sample_order(ids: tuple[str, ...], fmt: SubmissionFormat) -> list[i
 def validate_submission(
     frame: pd.DataFrame, fmt: SubmissionFormat, *, classes: Sequence[str] | None = None
 ) -> None:
-    """Raise SubmissionError unless `frame` is a submission Kaggle accepts for `fmt`.
-
-    Every sample id exactly once and in order, the sample's columns in its order, and values that fit the
-    kind: probabilities finite, in [0, 1], rows summing to 1; labels non-empty and among `classes` if given.
-    """
+    """Raise SubmissionError unless `frame` has every sample id once and in order, the sample's columns, and
+    values that fit: probabilities in [0, 1] summing to 1 per row, labels among `classes` if given."""
     _check_columns(list(frame.columns), fmt)
     _check_ids([str(value) for value in frame[fmt.id_column]], fmt)
     if fmt.kind == "label":
