@@ -1,6 +1,6 @@
-"""Files and folders written beside their place and moved there (os.replace, an atomic rename within one folder)
-only when complete: a crash never leaves a half-written output that looks whole. Also the JSON and CSV files
-DVC reads as metrics and plots. Imports nothing of ours."""
+"""Files and folders written beside their place and os.replace'd there only when complete, so a crash never
+leaves a half-written output that looks whole; also the JSON and CSV files DVC reads. Imports nothing of
+ours."""
 
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ TEMPORARY_MARK = ".kagglecls-tmp"  # in every temporary file's name, so those a 
 
 @contextmanager
 def write_file(path: Path, *, sync: bool = False) -> Iterator[Path]:
-    """A temporary path beside `path` for the block to write; moved onto `path` when the block ends well,
-    deleted otherwise. It is hidden, unique to this process, and ends with `path`'s suffix (numpy and
-    matplotlib choose a format by it). `sync`: the bytes reach the disk before the move (fsync), for a file
-    that must survive a power cut, not only a crash."""
+    """A hidden temporary path beside `path` (same suffix: numpy and matplotlib choose a format by it), moved
+    onto `path` when the block ends well, deleted otherwise; `sync` fsyncs first, to survive a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_MARK}{path.suffix}")

@@ -1,11 +1,6 @@
-"""Kaggle image-classification competitions as Kaggle ships them, and the small embedded sample competition.
-
-`load_competition` finds the labelled training images and the test image of each sample_submission.csv id in
-one of three layouts: `labels_csv` (Dog Breed: labels.csv and train/<id>.jpg), `class_folders`
-(train/<class>/<file>, Plant Seedlings) or `filename` (train/cat.123.jpg, Dogs vs. Cats Redux). Problems that
-would make the result wrong are one-line `CompetitionError`s; safe ones become counted warnings.
-`build_sample_competition` writes scikit-learn's bundled digits in the Dog Breed layout.
-"""
+"""Kaggle image-classification competitions in their three layouts (labels_csv: Dog Breed, class_folders:
+Plant Seedlings, filename: Dogs vs. Cats Redux), and the embedded sample competition of scikit-learn's
+digits."""
 
 from __future__ import annotations
 
@@ -58,11 +53,8 @@ def build_sample_competition(
     image_size: int = 96,
     seed: int = 0,
 ) -> None:
-    """Write a Dog-Breed-layout competition of handwritten digits to `dest`, byte-for-byte deterministic.
-
-    Built in a temporary folder next to `dest` and moved into place at the end, so `dest` is either the old
-    folder or the complete new one.
-    """
+    """Write a Dog-Breed-layout competition of handwritten digits to `dest`, byte-for-byte deterministic,
+    built aside and moved into place whole."""
     _check_sample_arguments(
         n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, image_size=image_size
     )
@@ -189,7 +181,7 @@ def load_competition(
     if layout not in LAYOUTS:
         raise CompetitionError(f"layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
     sample_path = raw_dir / sample_submission
-    test_ids = _read_sample_ids(sample_path)
+    test_ids = tuple(read_sample_table(sample_path).iloc[:, 0])
     train_folder = _image_folder(raw_dir / train_dir, role="training")
     if layout == "auto":
         layout = _detect_layout(raw_dir, train_folder, labels_file=labels_file, sample_path=sample_path)
@@ -259,10 +251,10 @@ def _image_folder(folder: Path, *, role: str) -> Path:
             return folder
 
 
-def _read_csv_strings(path: Path, *, what: str) -> pd.DataFrame:
+def _read_csv_strings(path: Path, *, what: str, header: int | None = 0) -> pd.DataFrame:
     """A CSV file with every cell as a string (ids such as '001' keep their zeros; blank cells are '')."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", header=header)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompetitionError(f"{path}: could not read the {what} as CSV: {reason}") from None
@@ -274,26 +266,33 @@ def _line_numbers(mask: Sequence[bool]) -> list[int]:
     return [row + 2 for row, flagged in enumerate(mask) if flagged]
 
 
-def _read_sample_ids(sample_path: Path) -> tuple[str, ...]:
+def read_sample_table(sample_path: Path) -> pd.DataFrame:
+    """sample_submission.csv as strings: distinct column names, an id column of unique non-empty ids first."""
     if not sample_path.is_file():
         raise CompetitionError(
             f"{sample_path}: sample submission not found; expected the competition's sample_submission.csv "
             "(set sample_submission to its name)"
         )
-    table = _read_csv_strings(sample_path, what="sample submission")
-    if len(table.columns) < 2 or len(table) == 0:
+    # Read without a header, so a repeated column name is not renamed away by pandas.
+    rows = _read_csv_strings(sample_path, what="sample submission", header=None)
+    header, table = list(rows.iloc[0]), rows.iloc[1:].reset_index(drop=True)
+    table.columns = header
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise CompetitionError(f"{sample_path}: the header repeats column names {examples(repeated)}")
+    if len(header) < 2 or len(table) == 0:
         raise CompetitionError(
             f"{sample_path}: expected an id column, at least one value column and at least one row, "
-            f"found columns {examples(table.columns)} and {len(table)} rows"
+            f"found columns {examples(header)} and {len(table)} rows"
         )
-    ids = table[table.columns[0]]
+    ids = table[header[0]]
     blank = _line_numbers(ids == "")
     if blank:
         raise CompetitionError(
             f"{sample_path}: line {blank[0]} has an empty id ({len(blank)} lines with no id)"
         )
     _check_unique_ids(ids, path=sample_path)
-    return tuple(ids)
+    return table
 
 
 def _check_unique_ids(ids: pd.Series, *, path: Path) -> None:

@@ -1,8 +1,5 @@
-"""Datasets, loaders, augmentation presets and the pre-resized image cache.
-
-Augmentation is seeded per sample from (seed, epoch, index), so a run gives the same batches whatever the
-number of loader workers, and a run resumed at epoch e sees exactly what it would have seen.
-"""
+"""Datasets, loaders, augmentation presets and the pre-resized image cache. Augmentation is seeded per sample
+from (seed, epoch, index): the same batches at any number of workers, and after a resume."""
 
 from __future__ import annotations
 
@@ -175,9 +172,8 @@ def _normalised_tensor(
 
 
 class ImageDataset(Dataset):
-    """Images and label indices (-1 for unlabelled), fetched by (index, sample_seed). With `keep_decoded_bytes`,
-    decoded images are kept in memory up to that many bytes, first come first kept; the transforms never
-    modify their input, so a kept image gives exactly the tensors a fresh decode would."""
+    """Images and label indices (-1 for unlabelled), fetched by (index, sample_seed); decoded images are kept
+    in memory up to `keep_decoded_bytes` (the transforms never modify their input)."""
 
     def __init__(
         self,
@@ -281,9 +277,8 @@ _END = object()
 
 
 def _made_ahead(iterator: Iterator, *, depth: int) -> Iterator:
-    """The items of `iterator`, made by one thread at most `depth` ahead of the caller. Its exceptions are
-    raised here; when the caller stops early (a break, an exception), the items not yet started are dropped
-    and the thread ends after the one it is making."""
+    """The items of `iterator`, made by one thread at most `depth` ahead; its exceptions are raised here, and
+    an early stop drops the items not yet started."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
     try:
         pending = deque(executor.submit(next, iterator, _END) for _ in range(depth))

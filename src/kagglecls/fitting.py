@@ -149,11 +149,8 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
 def write_stage_results(
     history: list[dict], *, outputs: StageOutputs, extra: dict, kept: dict | None = None
 ) -> None:
-    """metrics.json (the valid figures of the weights the stage hands on) and history.csv (every epoch).
-
-    `kept`: the record of a kept snapshot, whose epoch becomes `best_epoch` (0: the stage kept the weights
-    it was given). Its valid figure was chosen on the valid set, so it flatters a little.
-    """
+    """metrics.json (the valid figures of the weights handed on; `kept`: a kept snapshot's record, its epoch
+    the `best_epoch`) and history.csv (every epoch)."""
     last = history[-1]
     chosen = kept or last
     metrics = {
@@ -225,9 +222,8 @@ def fit_linear_head(
     fit_params: HeadParams,
     seed: int,
 ) -> dict:
-    """Set a [BatchNorm1d, Dropout, Linear] head to the logistic regression fitted on `features`: the
-    BatchNorm's running statistics standardise, the Linear holds the fitted weights. In eval mode the head
-    then computes exactly the fitted model."""
+    """Set a [BatchNorm1d, Dropout, Linear] head to the logistic regression fitted on `features`: in eval mode
+    the BatchNorm standardises and the Linear holds the fitted weights."""
     batchnorm, linear = head[0], head[-1]
     device = linear.weight.device
     inputs = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
@@ -305,10 +301,8 @@ def train_augmented(
     outputs: StageOutputs,
 ) -> None:
     """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len.
-
-    With `lr: auto` and `model.frozen_bn: eval`, lr_find sweeps a freshly initialised copy of the head on the
-    activations, as fastai 0.7's lesson did (the trained head sits at its minimum, where a sweep suggests
-    nothing); with `frozen_bn: train` the body's output moves, so the sweep goes through the images."""
+    With lr auto and frozen_bn eval, lr_find sweeps a fresh head on the activations, as fastai 0.7's lesson
+    did."""
     fit_params = params.train_augmented
     seed_everything(params.base.seed)  # before the sweep's fresh head is initialised
     model, classes = load_classifier(params, head_path=head_path, weights_key="head")

@@ -1,9 +1,5 @@
-"""Decode, verify and pre-resize images: the one place that opens image files.
-
-`load_rgb` turns any common image file into upright RGB or raises a one-line `BadImageError`; `check_images`
-decodes a list in worker processes; `write_resized_cache` is fastai's `data.resize`. JPEG draft mode and a
-bilinear antialiased resize are the speed choices (figures in bench/bench_images.py).
-"""
+"""Decode, verify and pre-resize images: the one place that opens image files (JPEG draft mode and a bilinear
+antialiased resize are the speed choices; figures in bench/bench_images.py)."""
 
 import csv
 import logging
@@ -60,12 +56,9 @@ class _ResizeJob:
 
 
 def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
-    """Decode an image file to upright RGB; with `short_side`, resized so its shorter side is exactly that.
-
-    EXIF orientation is applied, alpha is composited on white, 16-bit images are scaled to 8 bits, and the
-    format is sniffed from the content, not the extension. Raises BadImageError for empty, truncated,
-    non-image or decompression-bomb-sized files.
-    """
+    """Decode an image file (format sniffed from the content) to upright RGB, alpha on white, 16-bit scaled to
+    8; with `short_side`, resized to it. Raises BadImageError for empty, truncated, non-image or bomb-sized
+    files."""
     if short_side is not None and short_side < 1:
         raise ValueError(f"short_side must be a positive number of pixels, got {short_side}")
     return _decode(Path(path), short_side=short_side, upscale=True)

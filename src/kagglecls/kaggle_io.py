@@ -1,6 +1,5 @@
-"""Stage download and Kaggle I/O: the competition from Kaggle (official `kaggle` client), a local zip or folder,
-or the embedded sample, extracted with nested zips unpacked and moved into place whole; and submitting a file.
-Every failure a user can cause is a one-line `KaggleError`; credentials never reach messages or logs."""
+"""Stage download and Kaggle I/O: the competition from Kaggle, a local zip or folder, or the embedded sample,
+extracted and moved into place whole; and submitting. Credentials never reach messages or logs."""
 
 from __future__ import annotations
 

@@ -84,11 +84,8 @@ def image_loader(
     shard: bool = False,
     seed_offset: int = 0,
 ):
-    """A loader over the split's pre-resized images; `shard` gives each torchrun rank its own part of them.
-
-    Under torchrun every rank must call this in the same order: rank 0 builds missing cache files while the
-    others wait, so no two processes write the same file.
-    """
+    """A loader over the split's pre-resized images; `shard` gives each torchrun rank its part. Every rank
+    calls it in the same order: rank 0 builds missing cache files while the others wait."""
     if context.enabled and not context.is_main:
         dist.barrier()
     files = resized_files(

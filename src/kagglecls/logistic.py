@@ -1,7 +1,5 @@
-"""The head on precomputed activations as what it is: a multinomial logistic regression on standardised features,
-fitted full-batch with torch.optim.LBFGS, its L2 penalty chosen by stratified k-fold cross-validation on the
-training rows alone. No lr, no epochs, no schedule. Imports nothing of ours.
-"""
+"""The head on precomputed activations as a multinomial logistic regression on standardised features, fitted
+full-batch with LBFGS, L2 chosen by stratified k-fold cross-validation. Imports nothing of ours."""
 
 from __future__ import annotations
 

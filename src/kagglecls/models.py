@@ -1,8 +1,4 @@
-"""Architectures: a pretrained body, fastai's head, layer groups, freezing.
-
-A `Classifier` is body -> concat pool -> head. Precompute stores the concat pool's output, so the head alone
-trained on those arrays is exactly the head of the full model.
-"""
+"""Architectures: a pretrained body, concat pool and fastai's head, layer groups, freezing."""
 
 from __future__ import annotations
 
@@ -150,9 +146,9 @@ _SAME_PADDING_CONVS = frozenset({"Conv2dStaticSamePadding", "Conv2dDynamicSamePa
 
 
 def _symmetric_padding_where_same(network: nn.Module) -> None:
-    """Swap the stride-1 'SAME'-padded convs (a ZeroPad2d copy of the map before each) for plain convs padded by
-    kernel // 2: at stride 1 with an odd kernel SAME padding is symmetric, so the result is exactly the same.
-    Stride-2 convs pad asymmetrically and stay. Parameter names do not change."""
+    """Swap stride-1, odd-kernel 'SAME'-padded convs (a ZeroPad2d copy of the map before each) for plain convs
+    padded by kernel // 2: the same result, as SAME padding is symmetric there. Parameter names do not
+    change."""
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             kernel = getattr(child, "kernel_size", (0, 0))
@@ -193,9 +189,8 @@ CONV_BN_PAIRS = (
 
 
 def fused_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with each conv of CONV_BN_PAIRS and its BatchNorm fused into one conv
-    (fuse_conv_bn_eval), for validation and TTA. Training and precompute keep conv then BatchNorm: the fused
-    weights round differently (about 1e-5)."""
+    """An eval-mode copy of `model` with each conv of CONV_BN_PAIRS fused with its BatchNorm, for validation
+    and TTA; training and precompute keep them apart (the fused weights round differently, about 1e-5)."""
     fused = copy.deepcopy(model).eval()
     for parent in list(fused.modules()):
         for conv_name, batchnorm_name in CONV_BN_PAIRS:
@@ -272,11 +267,8 @@ def _torchvision_state(arch: str, weights_file: str | None) -> dict[str, torch.T
 
 
 def freeze_to(model: Classifier, group_index: int, *, frozen_bn: str = "eval") -> None:
-    """Train only the groups from `group_index` on (negative counts from the end, as fastai's freeze_to).
-
-    `frozen_bn`: "eval" keeps BatchNorm layers of frozen groups in eval mode with their parameters frozen
-    (fastai 0.7); "train" leaves their affine parameters trainable and their statistics updating (fastai 2).
-    """
+    """Train only the groups from `group_index` on (negative from the end); `frozen_bn` "eval" freezes frozen
+    groups' BatchNorms too (fastai 0.7), "train" leaves them trainable and updating (fastai 2)."""
     groups = model.layer_groups
     first_trained = group_index % len(groups)
     for index, group in enumerate(groups):

@@ -1,8 +1,5 @@
-"""Typed, validated params: `params.yaml` loads into frozen dataclasses, one per section.
-
-An unknown or misspelt key, a wrong type or a value out of range is a `ParamsError` whose one line names the
-key, the value and what is allowed, raised before any work starts.
-"""
+"""Typed, validated params: `params.yaml` loads into frozen dataclasses, one per section; an unknown key, a
+wrong type or a value out of range is a one-line ParamsError naming the key, before any work starts."""
 
 from __future__ import annotations
 
@@ -26,74 +23,85 @@ class ParamsError(UserError, ValueError):
 MIN_IMAGE_SIZE = 32
 
 
+def ranged(default: Any, allowed: str, says: str | None = None) -> Any:
+    """A field whose value (each item, for a tuple; not None or "auto") must lie in `allowed`: ">= 1", "> 0",
+    "[0, 1)"; an error says `says`, or `allowed`. _Section.__post_init__ checks it."""
+    factory = {"default_factory": lambda: default} if isinstance(default, tuple) else {"default": default}
+    return field(**factory, metadata={"allowed": allowed, "says": says or allowed})
+
+
+def _in_range(value: float, allowed: str) -> bool:
+    if allowed.startswith(">"):
+        operator, bound = allowed.split()
+        return value >= float(bound) if operator == ">=" else value > float(bound)
+    low, high = (float(bound) for bound in allowed[1:-1].split(","))
+    above = low <= value if allowed[0] == "[" else low < value
+    return above and (value <= high if allowed[-1] == "]" else value < high)
+
+
+class _Section:
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value, allowed = getattr(self, item.name), item.metadata.get("allowed")
+            values = value if isinstance(value, tuple) else (value,)
+            numbers = [number for number in values if number is not None and number != "auto"]
+            if allowed and not all(_in_range(number, allowed) for number in numbers):
+                shown = list(value) if isinstance(value, tuple) else value
+                _check(False, item.name, shown, item.metadata["says"])
+
+
 @dataclass(frozen=True)
-class BaseParams:
+class BaseParams(_Section):
     seed: int = 42
     device: str = "auto"
-    image_size: int = 64
-    batch_size: int = 64
-    num_workers: int | Literal["auto"] = "auto"
-    decoded_cache_mb: int = 2048
+    image_size: int = ranged(64, f">= {MIN_IMAGE_SIZE}")
+    batch_size: int = ranged(64, ">= 1")
+    num_workers: int | Literal["auto"] = ranged("auto", ">= 0")
+    decoded_cache_mb: int = ranged(2048, ">= 0")
     amp: bool = True
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= MIN_IMAGE_SIZE, "image_size", self.image_size, f">= {MIN_IMAGE_SIZE}")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _check(
-            self.num_workers == "auto" or self.num_workers >= 0,
-            "num_workers",
-            self.num_workers,
-            "auto or >= 0",
-        )
-        _check(self.decoded_cache_mb >= 0, "decoded_cache_mb", self.decoded_cache_mb, ">= 0")
+        super().__post_init__()
         allowed = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(allowed, "device", self.device, "auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
-class SampleParams:
-    n_classes: int = 10
-    train_per_class: int = 60
-    n_test: int = 100
-    image_size: int = 96
-
-    def __post_init__(self) -> None:
-        _check(2 <= self.n_classes <= 10, "n_classes", self.n_classes, "2..10 (digits)")
-        _check(self.train_per_class >= 2, "train_per_class", self.train_per_class, ">= 2")
-        _check(self.n_test >= 1, "n_test", self.n_test, ">= 1")
-        _check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
+class SampleParams(_Section):
+    n_classes: int = ranged(10, "[2, 10]", "2..10 (digits)")
+    train_per_class: int = ranged(60, ">= 2")
+    n_test: int = ranged(100, ">= 1")
+    image_size: int = ranged(96, ">= 8")
 
 
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(_Section):
     source: str = "sample"
     competition: str = "dog-breed-identification"
-    valid_pct: float = 0.2
+    valid_pct: float = ranged(0.2, "(0, 1)", "a fraction in (0, 1)")
     layout: Literal["auto", "labels_csv", "class_folders", "filename"] = "auto"
     labels_file: str | None = None
     id_column: str | None = None
     label_column: str | None = None
-    max_bad_fraction: float = 0.05
-    resize_factor: float = 1.3
+    max_bad_fraction: float = ranged(0.05, "[0, 1)")
+    resize_factor: float = ranged(1.3, ">= 1")
     sample: SampleParams = field(default_factory=SampleParams)
 
     def __post_init__(self) -> None:
-        _check(0 < self.valid_pct < 1, "valid_pct", self.valid_pct, "a fraction in (0, 1)")
-        _check(0 <= self.max_bad_fraction < 1, "max_bad_fraction", self.max_bad_fraction, "[0, 1)")
-        _check(self.resize_factor >= 1, "resize_factor", self.resize_factor, ">= 1")
+        super().__post_init__()
         _check(bool(self.source), "source", self.source, "sample, kaggle or a path")
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelParams(_Section):
     arch: Literal["efficientnet_lite0", "resnet34", "resnext50_32x4d", "resnext101_32x8d"] = (
         "efficientnet_lite0"
     )
     pretrained: bool = True
     weights_file: str | None = None
-    head_hidden: tuple[int, ...] = ()
-    head_dropout: tuple[float, ...] = (0.25,)
+    head_hidden: tuple[int, ...] = ranged((), ">= 1")
+    head_dropout: tuple[float, ...] = ranged((0.25,), "[0, 1)")
     frozen_bn: Literal["eval", "train"] = "eval"
 
     def __post_init__(self) -> None:
@@ -104,59 +112,41 @@ class ModelParams:
             list(self.head_dropout),
             f"{wanted} values, one per linear layer of the head",
         )
-        for probability in self.head_dropout:
-            _check(0 <= probability < 1, "head_dropout", list(self.head_dropout), "values in [0, 1)")
-        for size in self.head_hidden:
-            _check(size >= 1, "head_hidden", list(self.head_hidden), "positive sizes")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class PrecomputeParams:
-    batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+class PrecomputeParams(_Section):
+    batch_size: int = ranged(128, ">= 1")
 
 
 @dataclass(frozen=True)
-class LrFindParams:
-    start_lr: float = 1e-5
+class LrFindParams(_Section):
+    start_lr: float = ranged(1e-5, "> 0")
     end_lr: float = 10.0
-    num_steps: int = 100
+    num_steps: int = ranged(100, ">= 10")
     suggestion: Literal["valley", "minimum", "steep"] = "valley"
-    fallback_lr: float = 1e-3  # used, with a warning, when the curve gives no suggestion
+    fallback_lr: float = ranged(1e-3, "> 0")  # used, with a warning, when the curve gives no suggestion
 
     def __post_init__(self) -> None:
-        _check(self.start_lr > 0, "start_lr", self.start_lr, "> 0")
-        _check(self.fallback_lr > 0, "fallback_lr", self.fallback_lr, "> 0")
+        super().__post_init__()
         _check(self.end_lr > self.start_lr, "end_lr", self.end_lr, f"> start_lr ({self.start_lr})")
-        _check(self.num_steps >= 10, "num_steps", self.num_steps, ">= 10")
 
 
 @dataclass(frozen=True)
-class FitParams:
+class FitParams(_Section):
     """How one training stage fits: lr, schedule and optimizer."""
 
-    lr: float | Literal["auto"] = "auto"
+    lr: float | Literal["auto"] = ranged("auto", "> 0", "a positive number or auto")
     lr_find: LrFindParams = field(default_factory=LrFindParams)
     schedule: Literal["sgdr", "one_cycle"] = "sgdr"
-    n_cycle: int = 1
-    cycle_len: float = 1.0
-    cycle_mult: float = 1.0
+    n_cycle: int = ranged(1, ">= 1")
+    cycle_len: float = ranged(1.0, "> 0")
+    cycle_mult: float = ranged(1.0, ">= 1")
     warmup: bool = False
     optimizer: Literal["adam", "sgd"] = "adam"
-    weight_decay: float = 0.01
-    batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.lr != "auto":
-            _check(self.lr > 0, "lr", self.lr, "a positive number or auto")
-        _check(self.n_cycle >= 1, "n_cycle", self.n_cycle, ">= 1")
-        _check(self.cycle_len > 0, "cycle_len", self.cycle_len, "> 0")
-        _check(self.cycle_mult >= 1, "cycle_mult", self.cycle_mult, ">= 1")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        if self.batch_size is not None:
-            _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+    weight_decay: float = ranged(0.01, ">= 0")
+    batch_size: int | None = ranged(None, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -165,55 +155,36 @@ class HeadParams(FitParams):
     `cv_folds`-fold cross-validation on the training rows; `epochs` trains any head with lr and schedule."""
 
     method: Literal["lbfgs", "epochs"] = "lbfgs"
-    l2: float | Literal["auto"] = "auto"
-    cv_folds: int = 3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l2 != "auto":
-            _check(self.l2 > 0, "l2", self.l2, "a positive number or auto")
-        _check(self.cv_folds >= 2, "cv_folds", self.cv_folds, ">= 2")
+    l2: float | Literal["auto"] = ranged("auto", "> 0", "a positive number or auto")
+    cv_folds: int = ranged(3, ">= 2")
 
 
 @dataclass(frozen=True)
 class AugmentedFitParams(FitParams):
     augmentation: Literal["side_on", "top_down", "none"] = "side_on"
-    max_zoom: float = 1.1
+    max_zoom: float = ranged(1.1, ">= 1")
     # best_cycle_end: the weights at the cycle end (or the start) with the lowest valid log loss; last_epoch
     keep: Literal["best_cycle_end", "last_epoch"] = "best_cycle_end"
-    label_smoothing: float = 0.0  # of the training targets: caps the model's confidence
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.max_zoom >= 1, "max_zoom", self.max_zoom, ">= 1")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "[0, 1)")
+    label_smoothing: float = ranged(0.0, "[0, 1)")  # of the training targets: caps the model's confidence
 
 
 @dataclass(frozen=True)
 class FinetuneParams(AugmentedFitParams):
-    lr_ratio: float = 3.0
+    lr_ratio: float = ranged(3.0, ">= 1")
     bn_statistics: Literal["frozen", "batch"] = "frozen"
-    sizes: tuple[int, ...] = (64,)
+    sizes: tuple[int, ...] = ranged((64,), f">= {MIN_IMAGE_SIZE}")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.lr_ratio >= 1, "lr_ratio", self.lr_ratio, ">= 1")
         _check(len(self.sizes) >= 1, "sizes", list(self.sizes), "at least one size")
-        for size in self.sizes:
-            _check(size >= MIN_IMAGE_SIZE, "sizes", list(self.sizes), f"sizes >= {MIN_IMAGE_SIZE}")
 
 
 @dataclass(frozen=True)
-class PredictParams:
-    n_aug: int = 4
-    beta: float = 0.25
-    top_losses: int = 16
+class PredictParams(_Section):
+    n_aug: int = ranged(4, ">= 0")
+    beta: float = ranged(0.25, "[0, 1]")
+    top_losses: int = ranged(16, ">= 0")
     calibration: Literal["none", "temperature"] = "none"  # temperature: one T fitted on valid (log loss)
-
-    def __post_init__(self) -> None:
-        _check(self.n_aug >= 0, "n_aug", self.n_aug, ">= 0")
-        _check(0 <= self.beta <= 1, "beta", self.beta, "[0, 1]")
-        _check(self.top_losses >= 0, "top_losses", self.top_losses, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -282,12 +253,11 @@ def _convert(hint: Any, value: Any, *, key: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in (item for item in options if item is not type(None)):
             try:
                 return _convert(option, value, key=key)
-            except ParamsError as error:
-                errors.append(str(error))
+            except ParamsError:
+                pass
         raise ParamsError(f"{key}: {value!r} is not allowed; expected {_describe(hint)}")
     if origin is Literal:
         if value not in typing.get_args(hint):

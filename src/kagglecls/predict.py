@@ -151,10 +151,8 @@ def _save_predictions(path: Path, *, ids: list[str], probabilities: np.ndarray) 
 
 
 def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: float) -> np.ndarray:
-    """fastai 2's tta: (1 - beta) x mean of the augmented passes + beta x the plain pass.
-
-    With no augmented pass the plain probabilities are returned unchanged.
-    """
+    """fastai 2's tta: (1 - beta) x mean of the augmented passes + beta x the plain pass (or the plain
+    alone)."""
     if not augmented:
         return plain
     return (1 - beta) * np.mean(np.stack(augmented), axis=0) + beta * plain

@@ -51,11 +51,8 @@ def sgdr_factor(
     cycle_mult: float,
     warmup: bool = False,
 ) -> float:
-    """Cosine annealing with warm restarts: factor = (1 + cos(pi * t / nb)) / 2 within each cycle of nb steps.
-
-    At a restart t goes back to 0 and nb grows by cycle_mult. Past the last cycle the factor stays at the last
-    cycle's final value.
-    """
+    """Cosine annealing with warm restarts: (1 + cos(pi * t / nb)) / 2 in each cycle of nb steps, nb growing
+    by cycle_mult at each restart; past the last cycle it stays at that cycle's final value."""
     lengths = sgdr_cycle_lengths(n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult)
     cycle_steps = [_cycle_steps(length, steps_per_epoch) for length in lengths]
     if warmup and step < cycle_steps[0] * WARMUP_FRACTION:

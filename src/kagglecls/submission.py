@@ -1,13 +1,9 @@
-"""Stage submission: the Kaggle file in the exact format of the competition's sample_submission.csv.
-
-Formats read from the sample: `probabilities` (one column per class, matched by name), `label` (one column of
-class names) and `binary` (one column in [0, 1]: the probability of `positive_class`; unless named, the class
-the column names, `is_dog` -> `dog`, else the class whose name sorts last, as Dogs vs. Cats Redux scores dog).
-"""
+"""Stage submission: the Kaggle file in the format of sample_submission.csv: `probabilities` (a column per
+class), `label` (class names) or `binary` (the probability of `positive_class`: unless set, the class the
+column names, `is_dog` -> `dog`, else the class whose name sorts last, as Dogs vs. Cats Redux scores dog)."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from collections.abc import Sequence
@@ -19,13 +15,13 @@ import numpy as np
 import pandas as pd
 
 from kagglecls.atomic import write_file
+from kagglecls.competition import CompetitionError, read_sample_table
 from kagglecls.errors import UserError, examples
 from kagglecls.manifest import read_class_info
 from kagglecls.params import Params
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("probabilities", "label", "binary")
 ROW_SUM_TOLERANCE = 1e-4  # how far a row of probabilities may sum from 1
 
 
@@ -51,17 +47,12 @@ def read_sample_submission(
 ) -> SubmissionFormat:
     """The format of `path`; with `classes` (the training labels) it is also checked against them."""
     path = Path(path)
-    table = _read_sample_table(path)
+    try:
+        table = read_sample_table(path)
+    except CompetitionError as error:
+        raise SubmissionError(str(error)) from None
     id_column, *value_columns = table.columns
     ids = table[id_column]
-    repeated = ids.duplicated(keep=False).to_numpy()
-    if repeated.any():
-        first = ids[repeated].iloc[0]
-        first_lines = ", ".join(str(row + 2) for row in np.flatnonzero(ids == first))
-        raise SubmissionError(
-            f"{path}: id {first!r} appears on lines {first_lines}; ids must be unique"
-            f" ({ids[repeated].nunique()} ids appear more than once)"
-        )
     kind = _sample_kind(table, path=path, classes=classes)
     chosen_positive = None
     if kind == "probabilities" and classes is not None:
@@ -79,29 +70,6 @@ def read_sample_submission(
     )
     logger.info("%s: %s submission, %d ids, columns %s", path, kind, len(fmt.ids), examples(table.columns))
     return fmt
-
-
-def _read_sample_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise SubmissionError(f"{path}: sample submission not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as stream:
-            header = next(csv.reader(stream), [])
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SubmissionError(f"{path}: could not read the sample submission as CSV: {reason}") from None
-    header = [name.strip() for name in header]
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise SubmissionError(f"{path}: the header repeats column names {examples(repeated)}")
-    if len(header) < 2 or len(table) == 0:
-        raise SubmissionError(
-            f"{path}: expected an id column, at least one value column and at least one row, found columns "
-            f"{examples(header)} and {len(table)} rows"
-        )
-    table.columns = header
-    return table.apply(lambda column: column.str.strip())
 
 
 def _sample_kind(table: pd.DataFrame, *, path: Path, classes: tuple[str, ...] | None) -> str:
@@ -180,7 +148,7 @@ def build_submission(
         values = {column: rows[:, column_of[column]] for column in fmt.value_columns}
     elif fmt.kind == "label":
         values = {fmt.value_columns[0]: [classes[index] for index in rows.argmax(axis=1)]}
-    elif fmt.kind == "binary":
+    else:  # binary
         positive = _positive_class(
             fmt.value_columns[0],
             classes=classes,
@@ -188,10 +156,6 @@ def build_submission(
             source="sample submission",
         )
         values = {fmt.value_columns[0]: rows[:, column_of[positive]]}
-    else:
-        raise SubmissionError(
-            f"submission format: kind must be one of {', '.join(KINDS)}, found {fmt.kind!r}"
-        )
     return pd.DataFrame({fmt.id_column: list(fmt.ids), **values}, columns=[fmt.id_column, *fmt.value_columns])
 
 
@@ -218,55 +182,46 @@ def _rows_in_sample_order(ids: tuple[str, ...], fmt: SubmissionFormat) -> list[i
 def validate_submission(
     frame: pd.DataFrame, fmt: SubmissionFormat, *, classes: Sequence[str] | None = None
 ) -> None:
-    """Raise SubmissionError unless `frame` is a submission Kaggle accepts for `fmt`.
-
-    Every sample id exactly once and in order, the sample's columns in its order, and values that fit the
-    kind: probabilities finite, in [0, 1], rows summing to 1; labels non-empty and among `classes` if given.
-    """
+    """Raise SubmissionError unless `frame` has every sample id once and in order, the sample's columns, and
+    values that fit: probabilities in [0, 1] summing to 1 per row, labels among `classes` if given."""
     _check_columns(list(frame.columns), fmt)
     _check_ids([str(value) for value in frame[fmt.id_column]], fmt)
-    ids = fmt.ids
     if fmt.kind == "label":
-        _check_labels(frame[fmt.value_columns[0]], ids=ids, classes=classes)
-    elif fmt.kind in ("probabilities", "binary"):
-        _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
+        _check_labels(frame[fmt.value_columns[0]], ids=fmt.ids, classes=classes)
     else:
-        raise SubmissionError(
-            f"submission format: kind must be one of {', '.join(KINDS)}, found {fmt.kind!r}"
-        )
+        _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
+
+
+def _first_difference(found: list, expected: Sequence) -> tuple[int, object, object, int] | None:
+    """(position, found item, expected item, how many positions differ) of two lists, or None if equal."""
+    differing = [
+        (index, *pair) for index, pair in enumerate(zip_longest(found, expected)) if pair[0] != pair[1]
+    ]
+    return (*differing[0], len(differing)) if differing else None
 
 
 def _check_columns(found: list[object], fmt: SubmissionFormat) -> None:
     expected = [fmt.id_column, *fmt.value_columns]
-    differing = [
-        (position, found_name, expected_name)
-        for position, (found_name, expected_name) in enumerate(zip_longest(found, expected))
-        if found_name != expected_name
-    ]
-    if differing:
-        position, found_name, expected_name = differing[0]
+    difference = _first_difference(found, expected)
+    if difference:
+        position, found_name, expected_name, count = difference
         found_text = "nothing" if found_name is None else repr(found_name)
         expected_text = "none" if expected_name is None else repr(expected_name)
         raise SubmissionError(
             f"submission column {position + 1} is {found_text} where the sample has {expected_text} "
-            f"({len(differing)} of {len(expected)} column positions differ; "
-            "expected the sample's columns in order)"
+            f"({count} of {len(expected)} column positions differ; expected the sample's columns in order)"
         )
 
 
 def _check_ids(found: list[str], fmt: SubmissionFormat) -> None:
-    differing = [
-        (row, found_id, expected_id)
-        for row, (found_id, expected_id) in enumerate(zip_longest(found, fmt.ids))
-        if found_id != expected_id
-    ]
-    if differing:
-        row, found_id, expected_id = differing[0]
+    difference = _first_difference(found, fmt.ids)
+    if difference:
+        row, found_id, expected_id, count = difference
         found_text = "missing" if found_id is None else f"id {found_id!r}"
         expected_text = "no row" if expected_id is None else f"id {expected_id!r}"
         raise SubmissionError(
             f"submission row {row + 1} is {found_text} where the sample has {expected_text} "
-            f"({len(differing)} rows differ; {len(found)} rows, the sample has {len(fmt.ids)}; "
+            f"({count} rows differ; {len(found)} rows, the sample has {len(fmt.ids)}; "
             "expected every sample id once, in the sample's order)"
         )
 
@@ -342,10 +297,7 @@ def make_submission(
             len(missing),
             ", ".join(missing[:5]),
         )
-    probabilities = (
-        np.stack([by_id.get(item, prior) for item in fmt.ids]) if fmt.ids else np.zeros((0, len(classes)))
-    )
+    probabilities = np.stack([by_id.get(item, prior) for item in fmt.ids])  # a sample has at least one id
     frame = build_submission(fmt, ids=fmt.ids, classes=classes, probabilities=probabilities)
     validate_submission(frame, fmt)
     write_submission(frame, out_csv)
-    logger.info("submission: %s (%d rows, %d columns)", out_csv, len(frame), len(frame.columns))

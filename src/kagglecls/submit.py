@@ -1,7 +1,5 @@
-"""`make submit MESSAGE="..."` / `kagglecls-submit --message "..."`: validate data/submission.csv against the
-sample, then submit it to Kaggle with the git commit, DVC experiment and valid log loss in its description.
-Never a DVC stage: a submission spends the day's allowance. Errors are one line on stderr and exit code 2.
-"""
+"""`make submit MESSAGE="..."`: validate data/submission.csv against the sample, then submit it to Kaggle with
+the commit, experiment and valid log loss in its description. Never a DVC stage: it spends the day's quota."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The training loop as plain functions: one epoch, evaluation, and a whole fit that checkpoints and resumes.
-
-Works on any (inputs, targets) loader: images through the full model, or precomputed activations through the
-head alone. Under torchrun each rank trains on its shard and the metrics are reduced; only rank 0 writes.
-"""
+"""The training loop as plain functions on any (inputs, targets) loader: one epoch, evaluation, and a fit that
+checkpoints and resumes. Under torchrun each rank trains its shard, metrics are reduced, rank 0 writes."""
 
 from __future__ import annotations
 
@@ -82,13 +79,9 @@ def predict_probabilities(
     description: str = "predict",
     views: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and targets for every item of `loader`, in its order.
-
-    With `views`, each item is several inputs (batches of shape (items, views, ...), as TtaViews makes):
-    they go through the model together and the probabilities have shape (items, views, classes).
-    Nothing trains on these, so they run on a copy of the model with BatchNorm fused into the convs
-    (models.fused_for_inference).
-    """
+    """Softmax probabilities and targets for every item of `loader`, in its order, through a BatchNorm-fused
+    copy of the model; with `views`, batches are (items, views, ...) and probabilities (items, views,
+    classes)."""
     fused = fused_for_inference(model)
     all_probabilities, all_targets = [], []
     for inputs, targets in tqdm(loader, desc=description, leave=False):
@@ -141,12 +134,9 @@ def fit(
     context: DistributedContext = SINGLE_PROCESS,
     description: str = "fit",
 ) -> FitResult:
-    """Train for plan.epochs epochs, evaluating after each; saves a checkpoint every epoch and resumes from it.
-
-    Each epoch reseeds from (seed, epoch), so a run resumed after epoch e ends with the same weights as one
-    that was never stopped. With plan.snapshot_epochs, the best of those epochs' weights (by valid log loss)
-    is kept and loaded at the end: the lesson's "train until it over-fits", judged at SGDR's cycle ends.
-    """
+    """Train plan.epochs epochs, evaluating, checkpointing and reseeding from (seed, epoch) each, so a resumed
+    run ends the same; with plan.snapshot_epochs the best of those epochs' weights (valid log loss) is
+    kept."""
     history, start_epoch, best = resume(checkpoint, fingerprint, model, optimizer)
     if 0 in plan.snapshot_epochs and start_epoch == 0 and context.is_main:
         start = {"epoch": 0, **evaluate(unwrapped(model), valid_loader, settings=settings)}
