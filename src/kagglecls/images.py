@@ -59,8 +59,6 @@ def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file (format sniffed from the content) to upright RGB, alpha on white, 16-bit scaled to
     8; with `short_side`, resized to it. Raises BadImageError for empty, truncated, non-image or bomb-sized
     files."""
-    if short_side is not None and short_side < 1:
-        raise ValueError(f"short_side must be a positive number of pixels, got {short_side}")
     return _decode(Path(path), short_side=short_side, upscale=True)
 
 
@@ -86,16 +84,7 @@ def write_resized_cache(
     """Save each source as a JPEG whose shorter side is `short_side` (never upscaled, as fastai's data.resize);
     None or the error text per item. Existing targets are skipped, so an interrupted build resumes; temporaries
     a killed run left are removed first."""
-    if len(sources) != len(targets):
-        raise ValueError(
-            f"sources and targets must pair up, got {len(sources)} sources and {len(targets)} targets"
-        )
-    if short_side < 1 or not 1 <= quality <= 100:
-        raise ValueError(f"expected short_side >= 1 and quality in 1..100, got {short_side} and {quality}")
     target_paths = [Path(target) for target in targets]
-    if len(set(target_paths)) < len(target_paths):
-        repeated = next(target for target in target_paths if target_paths.count(target) > 1)
-        raise ValueError(f"each source needs its own target, got {repeated} more than once")
     for folder in sorted({target.parent for target in target_paths}):
         for stale in remove_temporaries(folder):
             logger.info("removed %s, left by an interrupted run", stale)
@@ -243,8 +232,6 @@ def _map_in_workers(
     function: Callable[[_Item], _Result], items: Sequence[_Item], *, workers: int, description: str
 ) -> list[_Result]:
     """`[function(item) for item in items]` in `workers` processes (1: this process), with a progress bar."""
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
     progress = partial(tqdm, total=len(items), desc=description, unit="image", mininterval=1.0)
     if workers == 1 or len(items) < 2:
         return [function(item) for item in progress(items)]
