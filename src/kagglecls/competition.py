@@ -427,20 +427,14 @@ def _labels_from_table(
         else:
             files.append(image)
             labels.append(label)
-    warnings = []
-    if without_image:
-        warnings.append(
-            f"{len(without_image)} ids in {path.name} have no image in {train_folder} (dropped): "
-            f"{examples(without_image)}"
-        )
     labelled = set(files)
     unlabelled = [image.name for image in images if image not in labelled]
-    if unlabelled:
-        warnings.append(
-            f"{len(unlabelled)} images in {train_folder} have no label in {path.name} (ignored): "
-            f"{examples(unlabelled)}"
-        )
-    return files, labels, warnings
+    return (
+        files,
+        labels,
+        _counted(without_image, f"ids in {path.name} have no image in {train_folder} (dropped)")
+        + _counted(unlabelled, f"images in {train_folder} have no label in {path.name} (ignored)"),
+    )
 
 
 def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -451,19 +445,13 @@ def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str
             empty_folders.append(folder.name)
         files.extend(images)
         labels.extend([folder.name] * len(images))
-    warnings = []
-    if empty_folders:
-        warnings.append(
-            f"{len(empty_folders)} folders in {train_folder} hold no images (ignored): "
-            f"{examples(empty_folders)}"
-        )
     stray = [image.name for image in _list_images(train_folder)]
-    if stray:
-        warnings.append(
-            f"{len(stray)} images in {train_folder} are outside any class folder, so unlabelled (ignored): "
-            f"{examples(stray)}"
-        )
-    return files, labels, warnings
+    return (
+        files,
+        labels,
+        _counted(empty_folders, f"folders in {train_folder} hold no images (ignored)")
+        + _counted(stray, f"images in {train_folder} are outside any class folder, so unlabelled (ignored)"),
+    )
 
 
 def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -475,13 +463,16 @@ def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], 
             labels.append(image.name.split(".", 1)[0])
         else:
             unlabelled.append(image.name)
-    warnings = []
-    if unlabelled:
-        warnings.append(
-            f"{len(unlabelled)} images in {train_folder} have no '<label>.' prefix in their name (ignored): "
-            f"{examples(unlabelled)}"
-        )
-    return files, labels, warnings
+    return (
+        files,
+        labels,
+        _counted(unlabelled, f"images in {train_folder} have no '<label>.' prefix in their name (ignored)"),
+    )
+
+
+def _counted(items: Sequence[str], what: str) -> list[str]:
+    """A warning `<count> <what>: <examples>` when there are items, else none."""
+    return [f"{len(items)} {what}: {examples(items)}"] if items else []
 
 
 def _check_classes(labels: Sequence[str], *, source: str) -> tuple[str, ...]:
@@ -513,17 +504,8 @@ def _match_test_images(
             f"{sample_path}: none of its {len(test_ids)} ids ({examples(test_ids)}) names an image in "
             f"{test_folder}, which holds {len(images)} images ({examples(image.name for image in images)})"
         )
-    warnings = []
-    if missing:
-        warnings.append(
-            f"{len(missing)} ids in {sample_path.name} have no image in {test_folder} "
-            f"(they get the class prior): {examples(missing)}"
-        )
     listed = set(files)
     unlisted = [image.name for image in images if image not in listed]
-    if unlisted:
-        warnings.append(
-            f"{len(unlisted)} images in {test_folder} are not in {sample_path.name} (ignored): "
-            f"{examples(unlisted)}"
-        )
-    return files, warnings
+    return files, _counted(
+        missing, f"ids in {sample_path.name} have no image in {test_folder} (they get the class prior)"
+    ) + _counted(unlisted, f"images in {test_folder} are not in {sample_path.name} (ignored)")
