@@ -233,11 +233,6 @@ def test_tta_views_are_the_plain_view_then_augmented_ones():
     assert not torch.equal(views[1], views[2])
 
 
-def test_train_preset_unknown_augmentation():
-    with pytest.raises(DataError, match="augmentation 'spin': expected side_on, top_down or none"):
-        TrainPreset(size=32, augmentation="spin", max_zoom=1.1, normalisation=LITE)
-
-
 def test_image_dataset_and_loader_are_seeded_per_item(tmp_path):
     rows = _image_rows(tmp_path, [(40, 30), (30, 40), (36, 36)])
     preset = TrainPreset(size=24, augmentation="side_on", max_zoom=1.1, normalisation=LITE)

@@ -78,10 +78,6 @@ class TrainPreset:
     def __init__(
         self, *, size: int, augmentation: str, max_zoom: float, normalisation: Normalisation
     ) -> None:
-        if augmentation not in ("side_on", "top_down", "none"):
-            raise DataError(f"augmentation {augmentation!r}: expected side_on, top_down or none")
-        if max_zoom < 1:
-            raise DataError(f"max_zoom {max_zoom}: expected a number >= 1")
         self.size, self.augmentation, self.max_zoom = size, augmentation, max_zoom
         self.normalisation = normalisation
         self._plain = EvalPreset(size=size, normalisation=normalisation)
