@@ -116,14 +116,10 @@ def _download(*, competition: str, folder: Path) -> Path:
 
 
 def _authenticated_api() -> Any:
-    with _client_output(None):
-        # Importing the package runs the client's own authenticate() and prints its help when there are no
-        # credentials: keep that output out of the user's terminal.
+    with _client_output(None):  # importing the client authenticates and prints help without credentials
         from kaggle.api.kaggle_api_extended import KaggleApi
     api = KaggleApi()
-    # The client reads its config folder and KAGGLE_API_ENVIRONMENT once, at import. Read them again now so
-    # the environment of this call is what counts. "--verbose" is left out on purpose: it prints the
-    # Authorization header.
+    # The client reads these once, at import: this call's environment counts. No "--verbose": it prints the key.
     api.config_dir = _client_config_dir()
     api.config = os.path.join(api.config_dir, api.config_file)
     api.args = ["--local"] if os.environ.get("KAGGLE_API_ENVIRONMENT") == "LOCALHOST" else []
@@ -335,15 +331,11 @@ def _unpack_nested_zips(root: Path, *, label: str) -> None:
                 f"{label}: zips nested more than {MAX_NESTED_ZIP_DEPTH} deep; refusing to unpack"
             )
         for inner in inner_zips:
-            _unpack_inner_zip(inner, label=f"{label}: {inner.relative_to(root).as_posix()}")
-
-
-def _unpack_inner_zip(inner: Path, *, label: str) -> None:
-    stem = inner.name[: -len(".zip")]
-    with _checked_zip(inner, label=label) as archive:
-        top_names = {info.filename.replace("\\", "/").split("/")[0] for info in archive.infolist()}
-        # Kaggle's inner zips usually hold their own name (train.zip: train/..., labels.csv.zip: labels.csv):
-        # unpack those beside the zip. Any other content goes into a folder named after the zip.
-        target = inner.parent if top_names == {stem} else inner.parent / stem
-        _write_members(archive, target, label=label)
-    inner.unlink()
+            inner_label = f"{label}: {inner.relative_to(root).as_posix()}"
+            stem = inner.name[: -len(".zip")]
+            with _checked_zip(inner, label=inner_label) as archive:
+                top_names = {info.filename.replace("\\", "/").split("/")[0] for info in archive.infolist()}
+                # An inner zip holding its own name (train.zip: train/...) unpacks beside it, others into stem/.
+                target = inner.parent if top_names == {stem} else inner.parent / stem
+                _write_members(archive, target, label=inner_label)
+            inner.unlink()
