@@ -6,6 +6,7 @@ import copy
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -101,14 +102,6 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
         settings=settings,
     )
     suggested = suggest_lr(result, finder.suggestion)
-    if suggested is None:
-        log.warning(
-            "lr_find: no suggestion (%s); using lr_find.fallback_lr %.3g",
-            why_no_suggestion(result),
-            finder.fallback_lr,
-        )
-    else:
-        log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
     if plot_path is not None:
         plots.plot_lr_find(result.lrs, result.losses, suggested=suggested, path=plot_path)
         write_csv(
@@ -116,9 +109,12 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
             plot_path.with_suffix(".csv"),
             columns=("lr", "loss"),
         )
-    if suggested is None:
-        return finder.fallback_lr, "fallback"
-    return suggested, "lr_find"
+    if suggested is not None:
+        log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
+        return suggested, "lr_find"
+    reason = why_no_suggestion(result)
+    log.warning("lr_find: no suggestion (%s); using lr_find.fallback_lr %.3g", reason, finder.fallback_lr)
+    return finder.fallback_lr, "fallback"
 
 
 def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPlan:
@@ -399,7 +395,9 @@ def _fit_images(
             context=context,
         )
         plan = plan_fit(fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed + round_index)
-        checkpoint = _checkpoint_path(outputs, size)
+        checkpoint = outputs.checkpoint and outputs.checkpoint.with_name(
+            f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}"
+        )
         fingerprint = fingerprint_of(
             stage,
             asdict(params),
@@ -495,42 +493,16 @@ def _differential_optimizer(
     return optimizer, trainable_lrs, source
 
 
-def _checkpoint_path(outputs: StageOutputs, size: int) -> Path | None:
-    if outputs.checkpoint is None:
-        return None
-    return outputs.checkpoint.with_name(f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}")
-
-
 def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size, batch_size, context):
     normalisation = normalisation_for(params.model.arch)
-    train_transform = TrainPreset(
+    augmented = TrainPreset(
         size=size,
         augmentation=fit_params.augmentation,
         max_zoom=fit_params.max_zoom,
         normalisation=normalisation,
     )
-    eval_transform = EvalPreset(size=size, normalisation=normalisation)
-    train = image_loader(
-        params,
-        reorganised,
-        cache_dir,
-        splits["train"],
-        transform=train_transform,
-        shuffle=True,
-        size=size,
-        batch_size=batch_size,
-        context=context,
-        shard=True,
-    )
-    valid = image_loader(
-        params,
-        reorganised,
-        cache_dir,
-        splits["valid"],
-        transform=eval_transform,
-        shuffle=False,
-        size=size,
-        batch_size=params.precompute.batch_size,
-        context=context,
-    )
+    load = partial(image_loader, params, reorganised, cache_dir, size=size, context=context)
+    train = load(splits["train"], transform=augmented, shuffle=True, batch_size=batch_size, shard=True)
+    plain = EvalPreset(size=size, normalisation=normalisation)
+    valid = load(splits["valid"], transform=plain, shuffle=False, batch_size=params.precompute.batch_size)
     return train, valid
