@@ -1,5 +1,6 @@
 """Submission formats read from sample_submission.csv, built, validated and written, checked value by value."""
 
+import json
 import re
 from pathlib import Path
 
@@ -7,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kagglecls.params import Params
 from kagglecls.submission import (
     SubmissionError,
     SubmissionFormat,
     build_submission,
+    make_submission,
     read_sample_submission,
     validate_submission,
     write_submission,
@@ -155,15 +158,14 @@ def test_several_value_columns_must_hold_numbers(tmp_path):
 # Building
 
 
-def test_built_probabilities_follow_the_sample_columns_and_ids_whatever_the_class_and_row_order(
-    dog_breed_sample,
-):
+def test_built_probabilities_follow_the_sample_columns_whatever_the_class_order(dog_breed_sample):
     fmt = read_sample_submission(dog_breed_sample)
     classes = ("corgi", "akita", "beagle")  # not the sample's column order
-    ids = ("001", "003", "002")  # not the sample's row order
-    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.6, 0.1]])
+    probabilities = np.array(
+        [[0.3, 0.6, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]
+    )  # rows in the sample's order
 
-    frame = build_submission(fmt, ids=ids, classes=classes, probabilities=probabilities)
+    frame = build_submission(fmt, classes=classes, probabilities=probabilities)
 
     assert list(frame.columns) == ["id", "akita", "beagle", "corgi"]
     assert list(frame["id"]) == ["002", "001", "003"]
@@ -177,12 +179,7 @@ def test_built_labels_are_the_most_probable_class_names(plant_seedlings_sample):
     fmt = read_sample_submission(plant_seedlings_sample)
     classes = ("Charlock", "Maize", "Sugar beet")
 
-    frame = build_submission(
-        fmt,
-        ids=("a.png", "b.png"),
-        classes=classes,
-        probabilities=np.array([[0.1, 0.7, 0.2], [0.2, 0.3, 0.5]]),
-    )
+    frame = build_submission(fmt, classes=classes, probabilities=np.array([[0.2, 0.3, 0.5], [0.1, 0.7, 0.2]]))
 
     assert frame.to_dict("list") == {"file": ["b.png", "a.png"], "species": ["Sugar beet", "Maize"]}
     validate_submission(frame, fmt, classes=classes)
@@ -192,10 +189,8 @@ def test_built_binary_column_is_the_positive_class_probability(dogs_vs_cats_samp
     fmt = read_sample_submission(dogs_vs_cats_sample, classes=("cat", "dog"))
     probabilities = np.array([[0.9, 0.1], [0.25, 0.75], [0.4, 0.6]])
 
-    frame = build_submission(fmt, ids=("1", "2", "10"), classes=("cat", "dog"), probabilities=probabilities)
-    swapped = build_submission(
-        fmt, ids=("1", "2", "10"), classes=("dog", "cat"), probabilities=probabilities[:, ::-1]
-    )
+    frame = build_submission(fmt, classes=("cat", "dog"), probabilities=probabilities)
+    swapped = build_submission(fmt, classes=("dog", "cat"), probabilities=probabilities[:, ::-1])
 
     assert frame.to_dict("list") == {"id": ["1", "2", "10"], "label": [0.1, 0.75, 0.6]}
     assert swapped.to_dict("list") == frame.to_dict("list")
@@ -205,36 +200,41 @@ def test_binary_without_a_positive_class_in_the_format_picks_it_when_building(do
     fmt = read_sample_submission(dogs_vs_cats_sample)
 
     frame = build_submission(
-        fmt,
-        ids=("1", "2", "10"),
-        classes=("cat", "dog"),
-        probabilities=np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]),
+        fmt, classes=("cat", "dog"), probabilities=np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
     )
 
     assert list(frame["label"]) == [0.1, 0.8, 0.5]
 
 
-def test_building_with_ids_other_than_the_sample_is_an_error(dog_breed_sample):
-    fmt = read_sample_submission(dog_breed_sample)
+def test_made_submission_puts_predictions_in_the_sample_order_and_gives_missing_ids_the_prior(
+    tmp_path, dog_breed_sample
+):
+    reorganised = tmp_path / "reorganised"
+    reorganised.mkdir()
+    info = {"classes": ["akita", "beagle", "corgi"], "prior": [0.5, 0.25, 0.25], "warnings": []}
+    (reorganised / "classes.json").write_text(json.dumps(info))
+    predictions = tmp_path / "predictions.npz"
+    np.savez(
+        predictions, ids=np.array(["003", "001"]), probabilities=np.array([[0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])
+    )
+    out_csv = tmp_path / "submission.csv"
 
-    with pytest.raises(
-        SubmissionError, match=r"1 sample ids have no prediction \('003'\) and 1 predicted ids .*\('009'\)"
-    ):
-        build_submission(
-            fmt, ids=("001", "002", "009"), classes=("akita", "beagle", "corgi"), probabilities=np.eye(3)
-        )
+    make_submission(
+        params=Params(), raw_dir=tmp_path, reorganised=reorganised, predictions=predictions, out_csv=out_csv
+    )
+
+    frame = pd.read_csv(out_csv, dtype={"id": str})
+    assert list(frame["id"]) == ["002", "001", "003"]  # the sample's order, 002 without a prediction
+    assert np.allclose(
+        frame[["akita", "beagle", "corgi"]], [[0.5, 0.25, 0.25], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]
+    )
 
 
 def test_building_with_the_wrong_probability_shape_is_an_error(dog_breed_sample):
     fmt = read_sample_submission(dog_breed_sample)
 
     with pytest.raises(SubmissionError, match=r"expected shape \(3, 3\) .* found \(3, 2\)"):
-        build_submission(
-            fmt,
-            ids=("001", "002", "003"),
-            classes=("akita", "beagle", "corgi"),
-            probabilities=np.ones((3, 2)),
-        )
+        build_submission(fmt, classes=("akita", "beagle", "corgi"), probabilities=np.ones((3, 2)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -365,9 +365,7 @@ def test_binary_values_must_be_probabilities():
 
 def test_written_submission_reads_back_the_same_and_keeps_leading_zeros(tmp_path, dog_breed_sample):
     fmt = read_sample_submission(dog_breed_sample)
-    frame = build_submission(
-        fmt, ids=fmt.ids, classes=("akita", "beagle", "corgi"), probabilities=np.full((3, 3), 1 / 3)
-    )
+    frame = build_submission(fmt, classes=("akita", "beagle", "corgi"), probabilities=np.full((3, 3), 1 / 3))
     path = tmp_path / "out" / "submission.csv"
 
     write_submission(frame, path)

@@ -132,16 +132,15 @@ def _positive_class(
 
 
 def build_submission(
-    fmt: SubmissionFormat, *, ids: tuple[str, ...], classes: tuple[str, ...], probabilities: np.ndarray
+    fmt: SubmissionFormat, *, classes: tuple[str, ...], probabilities: np.ndarray
 ) -> pd.DataFrame:
-    """The submission in the sample's id order and columns, from class probabilities (one row per id)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if probabilities.shape != (len(ids), len(classes)):
+    """The submission in the sample's columns, from class probabilities with one row per sample id, in order."""
+    rows = np.asarray(probabilities, dtype=np.float64)
+    if rows.shape != (len(fmt.ids), len(classes)):
         raise SubmissionError(
-            f"probabilities: expected shape ({len(ids)}, {len(classes)}) for {len(ids)} ids and "
-            f"{len(classes)} classes, found {probabilities.shape}"
+            f"probabilities: expected shape ({len(fmt.ids)}, {len(classes)}) for {len(fmt.ids)} ids and "
+            f"{len(classes)} classes, found {rows.shape}"
         )
-    rows = probabilities[_rows_in_sample_order(ids, fmt)]
     column_of = {name: index for index, name in enumerate(classes)}
     if fmt.kind == "probabilities":
         _check_class_columns(fmt.value_columns, classes, source="sample submission")
@@ -157,26 +156,6 @@ def build_submission(
         )
         values = {fmt.value_columns[0]: rows[:, column_of[positive]]}
     return pd.DataFrame({fmt.id_column: list(fmt.ids), **values}, columns=[fmt.id_column, *fmt.value_columns])
-
-
-def _rows_in_sample_order(ids: tuple[str, ...], fmt: SubmissionFormat) -> list[int]:
-    """For each sample id in order, the row of `ids` that holds its prediction."""
-    row_of: dict[str, int] = {}
-    for row, image_id in enumerate(ids):
-        if image_id in row_of:
-            raise SubmissionError(
-                f"predictions: id {image_id!r} appears on rows {row_of[image_id] + 1} and {row + 1}"
-            )
-        row_of[image_id] = row
-    missing = [image_id for image_id in fmt.ids if image_id not in row_of]
-    extra = sorted(set(row_of) - set(fmt.ids))
-    if missing or extra:
-        raise SubmissionError(
-            f"predictions: ids differ from the sample submission's: {len(missing)} sample ids have no "
-            f"prediction ({examples(missing) or 'none'}) and {len(extra)} predicted ids are not in the "
-            f"sample ({examples(extra) or 'none'})"
-        )
-    return [row_of[image_id] for image_id in fmt.ids]
 
 
 def validate_submission(
@@ -298,6 +277,6 @@ def make_submission(
             ", ".join(missing[:5]),
         )
     probabilities = np.stack([by_id.get(item, prior) for item in fmt.ids])  # a sample has at least one id
-    frame = build_submission(fmt, ids=fmt.ids, classes=classes, probabilities=probabilities)
+    frame = build_submission(fmt, classes=classes, probabilities=probabilities)
     validate_submission(frame, fmt)
     write_submission(frame, out_csv)
