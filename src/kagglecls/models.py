@@ -85,7 +85,7 @@ class Classifier(nn.Module):
         self._body_groups = body_groups
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.body(images)))
+        return self.head(self.features(images))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """What precompute stores: the concat-pooled activations of the body."""
@@ -233,18 +233,9 @@ def _resnet_body(
     network = getattr(torchvision.models, arch)(weights=None)
     if pretrained:
         network.load_state_dict(_torchvision_state(arch, weights_file))
-    body = nn.Sequential(
-        network.conv1,
-        network.bn1,
-        network.relu,
-        network.maxpool,
-        network.layer1,
-        network.layer2,
-        network.layer3,
-        network.layer4,
-    )
-    groups = [list(body[:6]), list(body[6:])]
-    return body, groups
+    # conv1, bn1, relu, maxpool, layer1..layer4: every child before avgpool and fc.
+    body = nn.Sequential(*list(network.children())[:8])
+    return body, [list(body[:6]), list(body[6:])]
 
 
 def _torchvision_state(arch: str, weights_file: str | None) -> dict[str, torch.Tensor]:
