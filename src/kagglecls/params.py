@@ -272,19 +272,13 @@ def _convert(hint: Any, value: Any, *, key: str) -> Any:
     return _scalar(hint, value, key=key)
 
 
+# The YAML types each scalar hint accepts; a bool is accepted only where a bool is wanted.
+_SCALAR_TYPES = {bool: bool, int: int, float: int | float, str: str}
+
+
 def _scalar(hint: Any, value: Any, *, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+    if isinstance(value, _SCALAR_TYPES.get(hint, ())) and (hint is bool or not isinstance(value, bool)):
+        return float(value) if hint is float else value
     raise ParamsError(f"{key}: {value!r} is not allowed; expected {_describe(hint)}")
 
 
