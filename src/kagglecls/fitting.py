@@ -16,7 +16,6 @@ from torch import nn
 from kagglecls import logistic, plots
 from kagglecls.atomic import write_csv, write_json
 from kagglecls.checkpoints import fingerprint_of, save_atomic
-from kagglecls.data import EvalPreset, TrainPreset
 from kagglecls.device import (
     DistributedContext,
     StepSettings,
@@ -32,7 +31,7 @@ from kagglecls.loading import (
     image_loader,
     load_classifier,
     load_splits,
-    normalisation_for,
+    presets,
     step_settings,
     to_device,
 )
@@ -494,15 +493,8 @@ def _differential_optimizer(
 
 
 def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size, batch_size, context):
-    normalisation = normalisation_for(params.model.arch)
-    augmented = TrainPreset(
-        size=size,
-        augmentation=fit_params.augmentation,
-        max_zoom=fit_params.max_zoom,
-        normalisation=normalisation,
-    )
+    augmented, plain = presets(params, fit_params, size)
     load = partial(image_loader, params, reorganised, cache_dir, size=size, context=context)
     train = load(splits["train"], transform=augmented, shuffle=True, batch_size=batch_size, shard=True)
-    plain = EvalPreset(size=size, normalisation=normalisation)
     valid = load(splits["valid"], transform=plain, shuffle=False, batch_size=params.precompute.batch_size)
     return train, valid

@@ -12,8 +12,10 @@ import torch.distributed as dist
 
 from kagglecls import images
 from kagglecls.data import (
+    EvalPreset,
     ImageDataset,
     Normalisation,
+    TrainPreset,
     cache_short_side,
     make_loader,
     resized_files,
@@ -21,7 +23,7 @@ from kagglecls.data import (
 from kagglecls.device import SINGLE_PROCESS, DistributedContext, StepSettings, pick_device, unwrapped
 from kagglecls.manifest import ManifestRow, read_class_info, read_manifest
 from kagglecls.models import ARCH_SPECS, Classifier, build_classifier, set_train_mode
-from kagglecls.params import Params
+from kagglecls.params import AugmentedFitParams, Params
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,18 @@ def step_settings(
 def normalisation_for(arch: str) -> Normalisation:
     spec = ARCH_SPECS[arch]
     return Normalisation(mean=spec.mean, std=spec.std)
+
+
+def presets(params: Params, augmented: AugmentedFitParams, size: int) -> tuple[TrainPreset, EvalPreset]:
+    """The augmented (train) and plain (eval) transforms at `size`, with the arch's normalisation."""
+    normalisation = normalisation_for(params.model.arch)
+    train = TrainPreset(
+        size=size,
+        augmentation=augmented.augmentation,
+        max_zoom=augmented.max_zoom,
+        normalisation=normalisation,
+    )
+    return train, EvalPreset(size=size, normalisation=normalisation)
 
 
 def loader_workers(requested: int | str, *, device_type: str) -> int:

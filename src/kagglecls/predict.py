@@ -12,13 +12,13 @@ import numpy as np
 
 from kagglecls import images, plots
 from kagglecls.atomic import write_csv, write_file, write_json
-from kagglecls.data import EvalPreset, TrainPreset, TtaViews
+from kagglecls.data import TtaViews
 from kagglecls.device import pick_device, seed_everything
 from kagglecls.loading import (
     image_loader,
     load_classifier,
     load_splits,
-    normalisation_for,
+    presets,
     step_settings,
     to_device,
 )
@@ -89,17 +89,8 @@ def predict_tta(
 def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:
     """(TTA probabilities, plain-pass probabilities) for the split's images, in its order: one pass over the
     images, each decoded once into its plain view and n_aug augmented ones."""
-    normalisation = normalisation_for(params.model.arch)
-    views = TtaViews(
-        plain=EvalPreset(size=size, normalisation=normalisation),
-        augmented=TrainPreset(
-            size=size,
-            augmentation=params.finetune.augmentation,
-            max_zoom=params.finetune.max_zoom,
-            normalisation=normalisation,
-        ),
-        n_aug=params.predict_tta.n_aug,
-    )
+    augmented, plain = presets(params, params.finetune, size)
+    views = TtaViews(plain=plain, augmented=augmented, n_aug=params.predict_tta.n_aug)
     loader = image_loader(
         params,
         reorganised,
