@@ -34,8 +34,6 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path) -> None:
         id_column=data.id_column,
         label_column=data.label_column,
     )
-    for warning in found.warnings:
-        log.warning("reorganise: %s", warning)
     checks = images.check_images(
         [*found.train_files, *[f for f in found.test_files if f]], workers=images.image_workers()
     )
