@@ -300,13 +300,17 @@ def train_augmented(
     did."""
     fit_params = params.train_augmented
     seed_everything(params.base.seed)  # before the sweep's fresh head is initialised
-    model, classes = load_classifier(params, head_path=head_path, weights_key="head")
+    model, _ = load_classifier(params, head_path=head_path, weights_key="head")
     freeze_to(model, -1, frozen_bn=params.model.frozen_bn)
     sweep = None
     if fit_params.lr == "auto" and params.model.frozen_bn == "eval":
         splits, _ = load_splits(reorganised)
         features = _training_features(params, fit_params, features_dir, splits["train"].labels)
-        sweep = HeadSweep(head=_freshly_initialised(model.head), loader=features)
+        fresh_head = copy.deepcopy(model.head)
+        for module in fresh_head.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        sweep = HeadSweep(head=fresh_head, loader=features)
     _fit_images(
         params,
         fit_params,
@@ -323,20 +327,12 @@ def train_augmented(
     )
 
 
-def _freshly_initialised(head: nn.Module) -> nn.Module:
-    fresh = copy.deepcopy(head)
-    for module in fresh.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return fresh
-
-
 def finetune(
     *, params: Params, reorganised: Path, cache_dir: Path, model_path: Path, outputs: StageOutputs
 ) -> None:
     """Unfreeze; differential lrs over the layer groups; SGDR with cycle_mult; one run per size (progressive)."""
     fit_params = params.finetune
-    model, classes = load_classifier(params, head_path=model_path, weights_key="model")
+    model, _ = load_classifier(params, head_path=model_path, weights_key="model")
     unfreeze(model)
     _fit_images(
         params,

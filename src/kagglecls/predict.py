@@ -77,7 +77,9 @@ def predict_tta(
     )
     if temperature is not None:
         test_probabilities = apply_temperature(test_probabilities, temperature)
-    _save_predictions(predictions, ids=[row.id for row in test.rows], probabilities=test_probabilities)
+    with write_file(predictions) as temporary:
+        ids = np.array([row.id for row in test.rows], dtype=str)
+        np.savez(temporary, ids=ids, probabilities=test_probabilities.astype(np.float64))
     log.info(
         "predict_tta: valid log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
         report["valid_log_loss"],
@@ -134,11 +136,6 @@ def _interpret(params, probabilities, split, classes, reorganised, cache_dir, pl
         for item in worst
     ]
     plots.plot_image_grid(pictures, titles, path=plots_dir / "top_losses.png")
-
-
-def _save_predictions(path: Path, *, ids: list[str], probabilities: np.ndarray) -> None:
-    with write_file(path) as temporary:
-        np.savez(temporary, ids=np.array(ids, dtype=str), probabilities=probabilities.astype(np.float64))
 
 
 def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: float) -> np.ndarray:
