@@ -40,10 +40,6 @@ class KaggleError(UserError):
     """A failure the user can fix; str() is one line saying what happened and what to do."""
 
 
-def competition_url(competition: str) -> str:
-    return f"https://www.kaggle.com/competitions/{competition}"
-
-
 def download(*, params: Params, dest: Path) -> None:
     """data/raw: the competition as Kaggle ships it (or the embedded sample built in the same layout)."""
     data = params.data
@@ -184,7 +180,7 @@ def _client_errors(api: Any, *, competition: str | None, action: str) -> Iterato
 
 def _http_message(error: Any, *, competition: str, task: str) -> str:
     status = error.response.status_code if error.response is not None else None
-    page = competition_url(competition)
+    page = f"https://www.kaggle.com/competitions/{competition}"
     if status == 401:
         return f"Kaggle rejected the credentials (HTTP 401): create a new API token at {SETTINGS_URL}"
     if status == 403:
