@@ -152,9 +152,9 @@ def _open_checked(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except UnidentifiedImageError as error:
-        raise BadImageError(
-            f"{path}: not a recognised image format (starts with {_first_bytes(path)!r})"
-        ) from error
+        with open(path, "rb") as handle:
+            first_bytes = handle.read(8)
+        raise BadImageError(f"{path}: not a recognised image format (starts with {first_bytes!r})") from error
     except Image.DecompressionBombError as error:
         raise BadImageError(
             _one_line(f"{path}: refused as a possible decompression bomb: {error}")
@@ -239,11 +239,6 @@ def _map_in_workers(
     chunk_size = max(1, min(64, len(items) // (workers * 4)))
     with ProcessPoolExecutor(max_workers=workers) as executor:
         return list(progress(executor.map(function, items, chunksize=chunk_size)))
-
-
-def _first_bytes(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(8)
 
 
 def _one_line(message: str) -> str:
