@@ -53,16 +53,17 @@ def test_params_yaml_loads_every_key_with_its_value():
         assert _loaded_value(params, dotted) == value, dotted
 
 
-def test_params_yaml_known_values():
+def test_params_yaml_values_load_as_their_types():
+    """Types only: `dvc exp run -S` rewrites params.yaml's values, and `make test` must pass after it."""
     params = load_params(PARAMS_FILE)
     assert isinstance(params.finetune, FinetuneParams)
-    assert isinstance(params.train_head.lr_find.start_lr, float)
-    assert params.base.seed == 42
-    assert params.train_head.lr == "auto"
-    assert params.finetune.lr == 0.001
-    assert params.train_head.method == "lbfgs"
-    assert params.model.head_hidden == ()
-    assert params.model.head_dropout == (0.25,)
+    assert isinstance(params.train_head.lr_find.start_lr, float)  # YAML's 1.0e-05
+    assert isinstance(params.base.seed, int)
+    assert params.train_head.lr == "auto" or isinstance(params.train_head.lr, float)
+    assert params.finetune.lr == "auto" or isinstance(params.finetune.lr, float)
+    assert params.train_head.method in ("lbfgs", "epochs")
+    assert isinstance(params.model.head_hidden, tuple)
+    assert all(isinstance(p, float) for p in params.model.head_dropout)
 
 
 def test_empty_mapping_gives_the_dataclass_defaults():
