@@ -4,14 +4,11 @@ import math
 
 import numpy as np
 import pytest
-import sklearn.metrics
 
 from kagglecls.predict import (
     ConfusedPair,
-    apply_temperature,
     combine_tta,
     confusion_matrix,
-    fit_temperature,
     most_confused,
     top_losses,
 )
@@ -82,20 +79,3 @@ def test_top_losses_order_and_values():
     assert [item.probability_of_predicted for item in losses] == [1.0, 0.7, 0.6, 0.5]
     assert len(top_losses(probabilities, targets, k=10)) == 5
     assert top_losses(probabilities, targets, k=0) == []
-
-
-def test_temperature_scaling_softens_overconfident_probabilities():
-    rng = np.random.default_rng(0)
-    targets = rng.integers(0, 3, size=200)
-    # Right 70% of the time but always 99% sure: the fitted temperature must soften (T > 1).
-    predicted = np.where(rng.random(200) < 0.7, targets, (targets + 1) % 3)
-    probabilities = np.full((200, 3), 0.005)
-    probabilities[np.arange(200), predicted] = 0.99
-    temperature = fit_temperature(probabilities, targets)
-    calibrated = apply_temperature(probabilities, temperature)
-    assert temperature > 1
-    assert sklearn.metrics.log_loss(targets, calibrated) < sklearn.metrics.log_loss(targets, probabilities)
-    np.testing.assert_array_equal(calibrated.argmax(axis=1), probabilities.argmax(axis=1))
-    np.testing.assert_allclose(
-        apply_temperature(probabilities, 1.0), probabilities / probabilities.sum(1, keepdims=True)
-    )

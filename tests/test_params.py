@@ -103,7 +103,7 @@ def test_unknown_key_names_the_full_key(raw, key):
 
 def test_unknown_key_lists_the_allowed_keys():
     message = _error({"predict_tta": {"naug": 2}})
-    assert "allowed: beta, calibration, n_aug, top_losses" in message
+    assert "allowed: beta, n_aug, top_losses" in message
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,6 @@ class PredictParams(_Section):
     n_aug: int = ranged(4, ">= 0")
     beta: float = ranged(0.25, "[0, 1]")
     top_losses: int = ranged(16, ">= 0")
-    calibration: Literal["none", "temperature"] = "none"  # temperature: one T fitted on valid (log loss)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Stage predict_tta: test-time augmentation, temperature calibration, and interpretation (confusion matrix,
-most confused pairs, top losses)."""
+"""Stage predict_tta: test-time augmentation, and interpretation (confusion matrix, most confused pairs, top
+losses)."""
 
 from __future__ import annotations
 
@@ -57,16 +57,6 @@ def predict_tta(
         "valid_accuracy_no_tta": accuracy(valid_plain, targets),
         "n_aug": params.predict_tta.n_aug,
     }
-    temperature = None
-    if params.predict_tta.calibration == "temperature":
-        # Fitted on valid, so the calibrated valid figure flatters; the test predictions get the same T.
-        temperature = fit_temperature(valid, targets)
-        valid = apply_temperature(valid, temperature)
-        report.update(
-            valid_log_loss_uncalibrated=report["valid_log_loss"],
-            valid_log_loss=log_loss(valid, targets),
-            temperature=temperature,
-        )
     _interpret(params, valid, splits["valid"], classes, reorganised, cache_dir, plots_dir)
     write_json(report, metrics)
     test = splits["test"]
@@ -75,8 +65,6 @@ def predict_tta(
         if test.rows
         else np.zeros((0, len(classes)))
     )
-    if temperature is not None:
-        test_probabilities = apply_temperature(test_probabilities, temperature)
     with write_file(predictions) as temporary:
         ids = np.array([row.id for row in test.rows], dtype=str)
         np.savez(temporary, ids=ids, probabilities=test_probabilities.astype(np.float64))
@@ -144,27 +132,6 @@ def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: flo
     if not augmented:
         return plain
     return (1 - beta) * np.mean(np.stack(augmented), axis=0) + beta * plain
-
-
-def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(p) / T): T > 1 softens over-confident probabilities, T < 1 sharpens; the argmax is kept."""
-    logits = np.log(np.clip(probabilities, 1e-15, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    exponentials = np.exp(logits)
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
-
-
-def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> float:
-    """Temperature scaling (Guo et al., 2017): the one T in [0.1, 10] minimising the log loss of
-    apply_temperature(probabilities, T) against `targets`."""
-    from scipy.optimize import minimize_scalar
-
-    def loss(log_temperature: float) -> float:
-        calibrated = apply_temperature(probabilities, float(np.exp(log_temperature)))
-        return float(-np.mean(np.log(np.clip(calibrated[np.arange(len(targets)), targets], 1e-15, 1.0))))
-
-    found = minimize_scalar(loss, bounds=(np.log(0.1), np.log(10.0)), method="bounded")
-    return float(np.exp(found.x))
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, *, n_classes: int) -> np.ndarray:
