@@ -54,10 +54,7 @@ def build_sample_competition(
     seed: int = 0,
 ) -> None:
     """Write a Dog-Breed-layout competition of handwritten digits to `dest`, byte-for-byte deterministic,
-    built aside and moved into place whole."""
-    _check_sample_arguments(
-        n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, image_size=image_size
-    )
+    built aside and moved into place whole. params.SampleParams holds the ranges of the arguments."""
     # Imported here: only the download stage builds a sample, and scikit-learn costs 0.8 s to import.
     from sklearn.datasets import load_digits
 
@@ -82,19 +79,6 @@ def build_sample_competition(
             sample[class_name] = 1.0 / n_classes  # uniform, as Kaggle's own sample submissions are
         sample.to_csv(work / "sample_submission.csv", index=False, lineterminator="\n")
     logger.info("sample competition: %d train and %d test images in %s", len(train_ids), len(test_ids), dest)
-
-
-def _check_sample_arguments(*, n_classes: int, train_per_class: int, n_test: int, image_size: int) -> None:
-    if not 2 <= n_classes <= len(DIGIT_NAMES):
-        raise CompetitionError(f"sample competition: n_classes must be in 2..10, found {n_classes}")
-    if train_per_class < 2:
-        raise CompetitionError(
-            f"sample competition: train_per_class must be at least 2, found {train_per_class}"
-        )
-    if n_test < 1:
-        raise CompetitionError(f"sample competition: n_test must be at least 1, found {n_test}")
-    if image_size < 16:
-        raise CompetitionError(f"sample competition: image_size must be at least 16 px, found {image_size}")
 
 
 def _split_digits(

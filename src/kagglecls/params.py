@@ -72,7 +72,7 @@ class SampleParams(_Section):
     n_classes: int = ranged(10, "[2, 10]", "2..10 (digits)")
     train_per_class: int = ranged(60, ">= 2")
     n_test: int = ranged(100, ">= 1")
-    image_size: int = ranged(96, ">= 8")
+    image_size: int = ranged(96, ">= 16")
 
 
 @dataclass(frozen=True)
