@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -44,15 +45,7 @@ def download(*, params: Params, dest: Path) -> None:
     """data/raw: the competition as Kaggle ships it (or the embedded sample built in the same layout)."""
     data = params.data
     if data.source == "sample":
-        sample = data.sample
-        build_sample_competition(
-            dest,
-            n_classes=sample.n_classes,
-            train_per_class=sample.train_per_class,
-            n_test=sample.n_test,
-            image_size=sample.image_size,
-            seed=params.base.seed,
-        )
+        build_sample_competition(dest, **asdict(data.sample), seed=params.base.seed)
     else:
         fetch_competition(source=data.source, competition=data.competition, dest=dest)
     logger.info("download: competition in %s", dest)
