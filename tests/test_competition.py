@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -306,11 +307,12 @@ def test_unknown_layout_is_an_error_listing_the_allowed_ones(tmp_path):
 
 def test_missing_training_folder_is_an_error_naming_it(tmp_path):
     raw = make_dog_breed(tmp_path / "raw")
+    shutil.rmtree(raw / "train")
 
     with pytest.raises(
-        CompetitionError, match=r"images: expected the folder of training images, found nothing"
+        CompetitionError, match=r"train: expected the folder of training images, found nothing"
     ):
-        load_competition(raw, train_dir="images")
+        load_competition(raw)
 
 
 def test_undetectable_layout_is_an_error(tmp_path):

@@ -156,17 +156,14 @@ def load_competition(
     labels_file: str | None = None,
     id_column: str | None = None,
     label_column: str | None = None,
-    train_dir: str = "train",
-    test_dir: str = "test",
-    sample_submission: str = "sample_submission.csv",
 ) -> Competition:
     """The labelled training images and the test image of every sample id of the competition in `raw_dir`."""
     raw_dir = Path(raw_dir).resolve()
     if layout not in LAYOUTS:
         raise CompetitionError(f"layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
-    sample_path = raw_dir / sample_submission
+    sample_path = raw_dir / "sample_submission.csv"
     test_ids = tuple(read_sample_table(sample_path).iloc[:, 0])
-    train_folder = _image_folder(raw_dir / train_dir, role="training")
+    train_folder = _image_folder(raw_dir / "train", role="training")
     if layout == "auto":
         layout = _detect_layout(raw_dir, train_folder, labels_file=labels_file, sample_path=sample_path)
     if layout == "labels_csv":
@@ -183,7 +180,7 @@ def load_competition(
         source = str(train_folder)
     classes = _check_classes(labels, source=source)
     test_files, test_warnings = _match_test_images(
-        test_ids, _image_folder(raw_dir / test_dir, role="test"), sample_path=sample_path
+        test_ids, _image_folder(raw_dir / "test", role="test"), sample_path=sample_path
     )
     warnings = (*train_warnings, *test_warnings)
     for warning in warnings:
@@ -254,8 +251,7 @@ def read_sample_table(sample_path: Path) -> pd.DataFrame:
     """sample_submission.csv as strings: distinct column names, an id column of unique non-empty ids first."""
     if not sample_path.is_file():
         raise CompetitionError(
-            f"{sample_path}: sample submission not found; expected the competition's sample_submission.csv "
-            "(set sample_submission to its name)"
+            f"{sample_path}: sample submission not found; expected the competition's sample_submission.csv"
         )
     # Read without a header, so a repeated column name is not renamed away by pandas.
     rows = _read_csv_strings(sample_path, what="sample submission", header=None)
