@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kagglecls.atomic import building_folder, write_file, write_json
@@ -32,31 +31,26 @@ def write_features(
 ) -> None:
     """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically."""
     model.eval()
-    with write_file(path) as temporary:
-        _stream_features(model, loader, n_items=n_items, temporary=temporary, settings=settings,
-                         description=description, path=path)  # fmt: skip
-
-
-def _stream_features(model, loader, *, n_items, temporary, settings, description, path) -> None:
     array = None
     position = 0
-    for inputs, _targets in tqdm(loader, desc=description, leave=False):
-        with settings.autocast():
-            features = model.features(settings.move(inputs)).float().cpu().numpy()
+    with write_file(path) as temporary:
+        for inputs, _targets in tqdm(loader, desc=description, leave=False):
+            with settings.autocast():
+                features = model.features(settings.move(inputs)).float().cpu().numpy()
+            if array is None:
+                array = np.lib.format.open_memmap(
+                    temporary, mode="w+", dtype=np.float16, shape=(n_items, features.shape[1])
+                )
+            array[position : position + len(features)] = features
+            position += len(features)
         if array is None:
-            array = np.lib.format.open_memmap(
-                temporary, mode="w+", dtype=np.float16, shape=(n_items, features.shape[1])
-            )
-        array[position : position + len(features)] = features
-        position += len(features)
-    if array is None:
-        raise ValueError(f"{path}: nothing to precompute: the loader is empty")
-    if position != n_items:
-        raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
-    array.flush()
+            raise ValueError(f"{path}: nothing to precompute: the loader is empty")
+        if position != n_items:
+            raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
+        array.flush()
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset:
     """Rows of a features array with their label indices; the array stays memory-mapped."""
 
     def __init__(self, path: Path, labels: np.ndarray | None = None) -> None:
@@ -67,9 +61,6 @@ class FeatureDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.features)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)), int(self.labels[index])
 
 
 class FeatureBatches:
@@ -106,7 +97,7 @@ class FeatureBatches:
 
 def feature_loader(
     path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
-) -> FeatureBatches | DataLoader:
+) -> FeatureBatches:
     dataset = FeatureDataset(path, labels)
     # Training drops a last batch of one: BatchNorm cannot train on a single row.
     drop_last = shuffle and len(dataset) % batch_size == 1
