@@ -26,11 +26,8 @@ def write_file(path: Path, *, sync: bool = False) -> Iterator[Path]:
     try:
         yield temporary
         if sync:
-            descriptor = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
