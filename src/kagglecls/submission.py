@@ -249,11 +249,8 @@ def _check_labels(values: pd.Series, *, ids: tuple[str, ...], classes: Sequence[
 
 def write_submission(frame: pd.DataFrame, path: Path) -> None:
     """Write `frame` as CSV to `path` through atomic.write_file, synced: never a half-made `path`."""
-    with (
-        write_file(path, sync=True) as temporary,
-        open(temporary, "w", newline="", encoding="utf-8") as stream,
-    ):
-        frame.to_csv(stream, index=False, lineterminator="\n")
+    with write_file(path, sync=True) as temporary:
+        frame.to_csv(temporary, index=False, lineterminator="\n", encoding="utf-8")
     logger.info("wrote %s (%d rows, %d columns)", path, len(frame), len(frame.columns))
 
 
