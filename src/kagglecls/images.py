@@ -52,7 +52,6 @@ class _ResizeJob:
     source: Path
     target: Path
     short_side: int
-    quality: int
 
 
 def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
@@ -74,12 +73,7 @@ def check_images(paths: Sequence[Path], *, workers: int = 2) -> list[ImageCheck]
 
 
 def write_resized_cache(
-    sources: Sequence[Path],
-    targets: Sequence[Path],
-    *,
-    short_side: int,
-    workers: int = 2,
-    quality: int = 95,
+    sources: Sequence[Path], targets: Sequence[Path], *, short_side: int, workers: int = 2
 ) -> list[str | None]:
     """Save each source as a JPEG whose shorter side is `short_side` (never upscaled, as fastai's data.resize);
     None or the error text per item. Existing targets are skipped, so an interrupted build resumes; temporaries
@@ -89,7 +83,7 @@ def write_resized_cache(
         for stale in remove_temporaries(folder):
             logger.info("removed %s, left by an interrupted run", stale)
     jobs = [
-        _ResizeJob(source=Path(source), target=target, short_side=short_side, quality=quality)
+        _ResizeJob(source=Path(source), target=target, short_side=short_side)
         for source, target in zip(sources, target_paths, strict=True)
         if not target.exists()
     ]
@@ -224,7 +218,7 @@ def _resize_one(job: _ResizeJob) -> str | None:
     except BadImageError as error:
         return str(error)
     with write_file(job.target) as temporary:
-        image.save(temporary, format="JPEG", quality=job.quality)
+        image.save(temporary, format="JPEG", quality=95)
     return None
 
 
