@@ -291,15 +291,10 @@ def set_train_mode(model: Classifier, *, frozen_bn: str = "eval", bn_statistics:
 
 def group_parameters(model: Classifier) -> list[list[nn.Parameter]]:
     """Trainable parameters of each layer group, earliest first (empty lists for frozen groups)."""
-    groups = []
-    for group in model.layer_groups:
-        seen: dict[int, nn.Parameter] = {}
-        for module in group:
-            for parameter in module.parameters():
-                if parameter.requires_grad:
-                    seen[id(parameter)] = parameter
-        groups.append(list(seen.values()))
-    return groups
+    return [
+        [parameter for module in group for parameter in module.parameters() if parameter.requires_grad]
+        for group in model.layer_groups
+    ]
 
 
 def differential_lrs(top_lr: float, *, n_groups: int, ratio: float) -> list[float]:
