@@ -65,19 +65,11 @@ def submission_description(*, message: str, metrics_path: Path) -> str:
 
 def _git_commit() -> str | None:
     """Short hash of HEAD, with -dirty when tracked files differ from it; None outside a git checkout."""
+    command = ["git", "describe", "--always", "--dirty", "--exclude=*"]  # every tag excluded: the hash
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def _valid_log_loss(metrics_path: Path) -> float | None:
