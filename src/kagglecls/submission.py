@@ -119,8 +119,7 @@ def _positive_class(
     if len(classes) != 2:
         raise SubmissionError(
             f"{source}: a single probability column {column!r} needs exactly 2 classes, the training labels "
-            f"have "
-            f"{len(classes)} ({examples(sorted(classes))})"
+            f"have {len(classes)} ({examples(sorted(classes))})"
         )
     words = set(re.split(r"[^0-9a-z]+", column.lower()))
     named = [name for name in classes if name.lower() in words]
