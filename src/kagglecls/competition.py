@@ -409,12 +409,9 @@ def _labels_from_table(
             labels.append(label)
     labelled = set(files)
     unlabelled = [image.name for image in images if image not in labelled]
-    return (
-        files,
-        labels,
-        _counted(without_image, f"ids in {path.name} have no image in {train_folder} (dropped)")
-        + _counted(unlabelled, f"images in {train_folder} have no label in {path.name} (ignored)"),
-    )
+    warnings = _counted(without_image, f"ids in {path.name} have no image in {train_folder} (dropped)")
+    warnings += _counted(unlabelled, f"images in {train_folder} have no label in {path.name} (ignored)")
+    return files, labels, warnings
 
 
 def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -426,12 +423,11 @@ def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str
         files.extend(images)
         labels.extend([folder.name] * len(images))
     stray = [image.name for image in _list_images(train_folder)]
-    return (
-        files,
-        labels,
-        _counted(empty_folders, f"folders in {train_folder} hold no images (ignored)")
-        + _counted(stray, f"images in {train_folder} are outside any class folder, so unlabelled (ignored)"),
+    warnings = _counted(empty_folders, f"folders in {train_folder} hold no images (ignored)")
+    warnings += _counted(
+        stray, f"images in {train_folder} are outside any class folder, so unlabelled (ignored)"
     )
+    return files, labels, warnings
 
 
 def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -443,11 +439,8 @@ def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], 
             labels.append(image.name.split(".", 1)[0])
         else:
             unlabelled.append(image.name)
-    return (
-        files,
-        labels,
-        _counted(unlabelled, f"images in {train_folder} have no '<label>.' prefix in their name (ignored)"),
-    )
+    what = f"images in {train_folder} have no '<label>.' prefix in their name (ignored)"
+    return files, labels, _counted(unlabelled, what)
 
 
 def _counted(items: Sequence[str], what: str) -> list[str]:
