@@ -68,12 +68,8 @@ def fetch_competition(*, source: str, competition: str, dest: Path) -> None:
 
 
 def submit(*, submission_csv: Path, competition: str, message: str) -> str:
-    """Upload `submission_csv` to `competition` with the kaggle client; returns the server's message."""
-    submission_csv = Path(submission_csv)
-    if not submission_csv.is_file():
-        raise KaggleError(
-            f"{submission_csv}: no such file; build the submission (dvc repro) before submitting"
-        )
+    """Upload `submission_csv` (submit.main has read and validated it) to `competition` with the kaggle
+    client; returns the server's message."""
     api = _authenticated_api()
     with _client_output(api), _client_errors(api, competition=competition, action="submit to"):
         _check_submission_limits(api, competition=competition)

@@ -23,7 +23,13 @@ EXIT_USER_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _argument_parser()
+    parser = argparse.ArgumentParser(prog="kagglecls-submit", description=__doc__.splitlines()[0])
+    parser.add_argument("--submission", type=Path, default=Path("data/submission.csv"))
+    parser.add_argument("--sample", type=Path, default=Path("data/raw/sample_submission.csv"))
+    parser.add_argument("--competition", default=None, help="default: data.competition in --params")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/predict_tta.json"))
+    parser.add_argument("--message", default="", help="what this submission tries")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -35,17 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USER_ERROR, f"{parser.prog}: error: {error}\n")
     logger.info("Kaggle says: %s", server_message)
     return 0
-
-
-def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kagglecls-submit", description=__doc__.splitlines()[0])
-    parser.add_argument("--submission", type=Path, default=Path("data/submission.csv"))
-    parser.add_argument("--sample", type=Path, default=Path("data/raw/sample_submission.csv"))
-    parser.add_argument("--competition", default=None, help="default: data.competition in --params")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/predict_tta.json"))
-    parser.add_argument("--message", default="", help="what this submission tries")
-    return parser
 
 
 def submission_description(*, message: str, metrics_path: Path) -> str:
