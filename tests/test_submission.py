@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kagglecls.competition import CompetitionError
 from kagglecls.params import Params
 from kagglecls.submission import (
     SubmissionError,
@@ -127,14 +128,14 @@ def test_binary_needs_exactly_two_classes(dogs_vs_cats_sample):
 
 
 def test_missing_sample_is_an_error_naming_it(tmp_path):
-    with pytest.raises(SubmissionError, match=r"nowhere\.csv: sample submission not found"):
+    with pytest.raises(CompetitionError, match=r"nowhere\.csv: sample submission not found"):
         read_sample_submission(tmp_path / "nowhere.csv")
 
 
 def test_sample_with_repeated_ids_names_the_lines(tmp_path):
     path = write_text(tmp_path / "sample_submission.csv", "id,label\n1,0.5\n2,0.5\n1,0.5\n")
 
-    with pytest.raises(SubmissionError, match=r"sample_submission\.csv: id '1' appears on lines 2, 4;"):
+    with pytest.raises(CompetitionError, match=r"sample_submission\.csv: id '1' appears on lines 2, 4;"):
         read_sample_submission(path)
 
 
@@ -142,7 +143,7 @@ def test_sample_with_only_an_id_column_is_an_error(tmp_path):
     path = write_text(tmp_path / "sample_submission.csv", "id\n1\n")
 
     with pytest.raises(
-        SubmissionError, match=r"expected an id column, at least one value column .* found columns 'id'"
+        CompetitionError, match=r"expected an id column, at least one value column .* found columns 'id'"
     ):
         read_sample_submission(path)
 

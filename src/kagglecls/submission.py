@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from kagglecls.atomic import write_file
-from kagglecls.competition import CompetitionError, read_sample_table
+from kagglecls.competition import read_sample_table
 from kagglecls.errors import UserError, examples
 from kagglecls.manifest import read_class_info
 from kagglecls.params import Params
@@ -47,10 +47,7 @@ def read_sample_submission(
 ) -> SubmissionFormat:
     """The format of `path`; with `classes` (the training labels) it is also checked against them."""
     path = Path(path)
-    try:
-        table = read_sample_table(path)
-    except CompetitionError as error:
-        raise SubmissionError(str(error)) from None
+    table = read_sample_table(path)  # a CompetitionError names what is wrong with the sample
     id_column, *value_columns = table.columns
     ids = table[id_column]
     kind = _sample_kind(table, path=path, classes=classes)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kagglecls.kaggle_io import KaggleError, submit
-from kagglecls.params import ParamsError, load_params
+from kagglecls.errors import UserError
+from kagglecls.kaggle_io import submit
+from kagglecls.params import load_params
 from kagglecls.submission import SubmissionError, read_sample_submission, validate_submission
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _validate(args.submission, args.sample)
         description = submission_description(message=args.message, metrics_path=args.metrics)
         server_message = submit(submission_csv=args.submission, competition=competition, message=description)
-    except (KaggleError, SubmissionError, ParamsError) as error:
+    except UserError as error:  # bad params, sample, submission or Kaggle answer: one line, no traceback
         parser.exit(EXIT_USER_ERROR, f"{parser.prog}: error: {error}\n")
     logger.info("Kaggle says: %s", server_message)
     return 0
