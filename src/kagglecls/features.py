@@ -50,27 +50,20 @@ def write_features(
         array.flush()
 
 
-class FeatureDataset:
-    """Rows of a features array with their label indices; the array stays memory-mapped."""
+class FeatureBatches:
+    """Batches of a memory-mapped features array and its label indices (-1 without labels), sliced straight
+    from the array (far cheaper than one row at a time), shuffled per epoch."""
 
-    def __init__(self, path: Path, labels: np.ndarray | None = None) -> None:
+    def __init__(
+        self, path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
+    ) -> None:
         self.features = np.load(path, mmap_mode="r")
         self.labels = labels if labels is not None else np.full(len(self.features), -1, dtype=np.int64)
         if len(self.labels) != len(self.features):
             raise ValueError(f"{path}: {len(self.features)} rows but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-
-class FeatureBatches:
-    """Batches straight from the array by slicing (far cheaper than one item at a time), shuffled per epoch."""
-
-    def __init__(
-        self, dataset: FeatureDataset, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool
-    ) -> None:
-        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.seed, self.drop_last = seed, drop_last
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # Training drops a last batch of one: BatchNorm cannot train on a single row.
+        self.drop_last = shuffle and len(self.features) % batch_size == 1
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,27 +74,24 @@ class FeatureBatches:
         return self  # fit() calls loader.sampler.set_epoch
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = len(self.features)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.dataset)
+        n = len(self.features)
         order = np.arange(n)
         if self.shuffle:
             order = np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(n)
         for batch in range(len(self)):
             indices = np.sort(order[batch * self.batch_size : (batch + 1) * self.batch_size])
-            inputs = torch.from_numpy(np.asarray(self.dataset.features[indices], dtype=np.float32))
-            yield inputs, torch.from_numpy(self.dataset.labels[indices].astype(np.int64))
+            inputs = torch.from_numpy(np.asarray(self.features[indices], dtype=np.float32))
+            yield inputs, torch.from_numpy(self.labels[indices].astype(np.int64))
 
 
 def feature_loader(
     path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
 ) -> FeatureBatches:
-    dataset = FeatureDataset(path, labels)
-    # Training drops a last batch of one: BatchNorm cannot train on a single row.
-    drop_last = shuffle and len(dataset) % batch_size == 1
-    return FeatureBatches(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return FeatureBatches(path, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
 
 def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: Path) -> None:
