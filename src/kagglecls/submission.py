@@ -154,15 +154,13 @@ def build_submission(
     return pd.DataFrame({fmt.id_column: list(fmt.ids), **values}, columns=[fmt.id_column, *fmt.value_columns])
 
 
-def validate_submission(
-    frame: pd.DataFrame, fmt: SubmissionFormat, *, classes: Sequence[str] | None = None
-) -> None:
+def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat) -> None:
     """Raise SubmissionError unless `frame` has every sample id once and in order, the sample's columns, and
-    values that fit: probabilities in [0, 1] summing to 1 per row, labels among `classes` if given."""
+    values that fit: probabilities in [0, 1] summing to 1 per row, a label in every row."""
     _check_columns(list(frame.columns), fmt)
     _check_ids([str(value) for value in frame[fmt.id_column]], fmt)
     if fmt.kind == "label":
-        _check_labels(frame[fmt.value_columns[0]], ids=fmt.ids, classes=classes)
+        _check_labels(frame[fmt.value_columns[0]], ids=fmt.ids)
     else:
         _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
 
@@ -228,17 +226,12 @@ def _check_probabilities(values: pd.DataFrame, *, fmt: SubmissionFormat) -> None
     )
 
 
-def _check_labels(values: pd.Series, *, ids: tuple[str, ...], classes: Sequence[str] | None) -> None:
-    labels = ["" if pd.isna(value) else str(value) for value in values]
-    allowed = None if classes is None else set(classes)
-    bad_rows = [
-        row for row, label in enumerate(labels) if not label or (allowed is not None and label not in allowed)
-    ]
+def _check_labels(values: pd.Series, *, ids: tuple[str, ...]) -> None:
+    bad_rows = [row for row, value in enumerate(values) if pd.isna(value) or not str(value)]
     if bad_rows:
         row = bad_rows[0]
-        expected = "a class name" if classes is None else f"one of {examples(sorted(allowed))}"
         raise SubmissionError(
-            f"submission row {row + 1} (id {ids[row]!r}): label {values.iloc[row]!r} is not {expected} "
+            f"submission row {row + 1} (id {ids[row]!r}): label {values.iloc[row]!r} is not a class name "
             f"({len(bad_rows)} bad rows)"
         )
 
