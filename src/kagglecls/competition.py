@@ -278,8 +278,7 @@ def read_sample_table(sample_path: Path) -> pd.DataFrame:
 def _check_unique_ids(ids: pd.Series, *, path: Path) -> None:
     repeated = ids.duplicated(keep=False).to_numpy()
     if repeated.any():
-        lines = _line_numbers(repeated)
-        first = ids.iloc[lines[0] - 2]
+        first = ids[repeated].iloc[0]
         first_lines = _line_numbers((ids == first).to_numpy())
         count = ids[repeated].nunique()
         raise CompetitionError(

@@ -93,9 +93,8 @@ def _download(*, competition: str, folder: Path) -> Path:
                 f"download of competition {competition!r} was cut short ({error}); run again"
             ) from None
     archives = sorted(folder.glob("*.zip"))
-    if len(archives) != 1:
-        received = sorted(folder.iterdir()) if folder.is_dir() else []
-        found = ", ".join(path.name for path in received) or "nothing"
+    if len(archives) != 1:  # `folder` is the temporary folder fetch_competition made
+        found = ", ".join(path.name for path in sorted(folder.iterdir())) or "nothing"
         raise KaggleError(f"Kaggle sent no single zip for competition {competition!r} (found {found})")
     return archives[0]
 
@@ -122,9 +121,8 @@ def _authenticated_api() -> Any:
 
 def _client_config_dir() -> str:
     """Where the kaggle client looks for kaggle.json (the same rule as KaggleApi.config_dir)."""
-    config_dir = os.environ.get("KAGGLE_CONFIG_DIR") or ""
-    if config_dir:
-        return config_dir
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return os.environ["KAGGLE_CONFIG_DIR"]
     home = os.path.expanduser("~")
     config_dir = os.path.join(home, ".kaggle")
     if sys.platform.startswith("linux") and not os.path.exists(config_dir):
