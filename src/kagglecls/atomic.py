@@ -1,6 +1,5 @@
 """Files and folders written beside their place and os.replace'd there only when complete, so a crash never
-leaves a half-written output that looks whole; also the JSON and CSV files DVC reads. Imports nothing of
-ours."""
+leaves a half-written output that looks whole; the JSON and CSV files DVC reads. Imports nothing of ours."""
 
 from __future__ import annotations
 

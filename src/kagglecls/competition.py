@@ -1,6 +1,5 @@
-"""Kaggle image-classification competitions in their three layouts (labels_csv: Dog Breed, class_folders:
-Plant Seedlings, filename: Dogs vs. Cats Redux), and the embedded sample competition of scikit-learn's
-digits."""
+"""Kaggle competitions in their three layouts (labels_csv: Dog Breed, class_folders: Plant Seedlings,
+filename: Dogs vs. Cats Redux), and the embedded sample competition of scikit-learn's digits."""
 
 from __future__ import annotations
 

@@ -56,8 +56,7 @@ class _ResizeJob:
 
 def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file (format sniffed from the content) to upright RGB, alpha on white, 16-bit scaled to
-    8; with `short_side`, resized to it. Raises BadImageError for empty, truncated, non-image or bomb-sized
-    files."""
+    8, resized to `short_side` if given; BadImageError for empty, truncated, non-image or bomb-sized files."""
     return _decode(Path(path), short_side=short_side, upscale=True)
 
 
@@ -75,9 +74,8 @@ def check_images(paths: Sequence[Path], *, workers: int = 2) -> list[ImageCheck]
 def write_resized_cache(
     sources: Sequence[Path], targets: Sequence[Path], *, short_side: int, workers: int = 2
 ) -> list[str | None]:
-    """Save each source as a JPEG whose shorter side is `short_side` (never upscaled, as fastai's data.resize);
-    None or the error text per item. Existing targets are skipped, so an interrupted build resumes; temporaries
-    a killed run left are removed first."""
+    """Save each source as a JPEG of shorter side `short_side` (never upscaled, as fastai's data.resize); None
+    or the error text per item. Existing targets are skipped (a build resumes), a killed run's temporaries go."""
     target_paths = [Path(target) for target in targets]
     for folder in sorted({target.parent for target in target_paths}):
         for stale in remove_temporaries(folder):

@@ -147,8 +147,7 @@ _SAME_PADDING_CONVS = frozenset({"Conv2dStaticSamePadding", "Conv2dDynamicSamePa
 
 def _symmetric_padding_where_same(network: nn.Module) -> None:
     """Swap stride-1, odd-kernel 'SAME'-padded convs (a ZeroPad2d copy of the map before each) for plain convs
-    padded by kernel // 2: the same result, as SAME padding is symmetric there. Parameter names do not
-    change."""
+    padded by kernel // 2: the same result, as SAME padding is symmetric there; parameter names are kept."""
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             kernel = getattr(child, "kernel_size", (0, 0))
