@@ -47,13 +47,6 @@ class ImageCheck:
     error: str | None  # None when readable
 
 
-@dataclass(frozen=True)
-class _ResizeJob:
-    source: Path
-    target: Path
-    short_side: int
-
-
 def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file (format sniffed from the content) to upright RGB, alpha on white, 16-bit scaled to
     8, resized to `short_side` if given; BadImageError for empty, truncated, non-image or bomb-sized files."""
@@ -80,13 +73,11 @@ def write_resized_cache(
     for folder in sorted({target.parent for target in target_paths}):
         for stale in remove_temporaries(folder):
             logger.info("removed %s, left by an interrupted run", stale)
-    jobs = [
-        _ResizeJob(source=Path(source), target=target, short_side=short_side)
-        for source, target in zip(sources, target_paths, strict=True)
-        if not target.exists()
-    ]
-    job_results = _map_in_workers(_resize_one, jobs, workers=workers, description="resize")
-    job_errors = {job.target: error for job, error in zip(jobs, job_results, strict=True)}
+    jobs = [(Path(source), target) for source, target in zip(sources, target_paths, strict=True)]
+    jobs = [(source, target) for source, target in jobs if not target.exists()]
+    resize = partial(_resize_one, short_side=short_side)
+    job_results = _map_in_workers(resize, jobs, workers=workers, description="resize")
+    job_errors = {target: error for (_source, target), error in zip(jobs, job_results, strict=True)}
     errors = [job_errors.get(target) for target in target_paths]
     logger.info(
         "resized cache at short side %d: %d written, %d already there, %d unreadable",
@@ -210,12 +201,13 @@ def _check_one(path: Path) -> ImageCheck:
     return ImageCheck(path=path, width=image.width, height=image.height, error=None)
 
 
-def _resize_one(job: _ResizeJob) -> str | None:
+def _resize_one(job: tuple[Path, Path], *, short_side: int) -> str | None:
+    source, target = job
     try:
-        image = _decode(job.source, short_side=job.short_side, upscale=False)
+        image = _decode(source, short_side=short_side, upscale=False)
     except BadImageError as error:
         return str(error)
-    with write_file(job.target) as temporary:
+    with write_file(target) as temporary:
         image.save(temporary, format="JPEG", quality=95)
     return None
 
