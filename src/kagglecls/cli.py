@@ -11,8 +11,6 @@ from pathlib import Path
 from kagglecls.errors import UserError
 from kagglecls.params import Params, load_params
 
-log = logging.getLogger("kagglecls")
-
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
