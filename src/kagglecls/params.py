@@ -26,8 +26,7 @@ MIN_IMAGE_SIZE = 32
 def ranged(default: Any, allowed: str, says: str | None = None) -> Any:
     """A field whose value (each item, for a tuple; not None or "auto") must lie in `allowed`: ">= 1", "> 0",
     "[0, 1)"; an error says `says`, or `allowed`. _Section.__post_init__ checks it."""
-    factory = {"default_factory": lambda: default} if isinstance(default, tuple) else {"default": default}
-    return field(**factory, metadata={"allowed": allowed, "says": says or allowed})
+    return field(default=default, metadata={"allowed": allowed, "says": says or allowed})
 
 
 def _in_range(value: float, allowed: str) -> bool:
