@@ -21,9 +21,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_stage(
-    name: str,
-    body: Callable[[argparse.Namespace, Params], None],
-    parser: argparse.ArgumentParser,
+    name: str, body: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser
 ) -> None:
     """Parse arguments, load and validate params, run `body`; user errors exit 2 with one line on stderr."""
     logging.basicConfig(
