@@ -340,12 +340,6 @@ def test_background_loader_raises_the_datasets_error_and_stops_on_break(tmp_path
     assert threading.active_count() == threads
 
 
-def test_unlabelled_dataset_gives_minus_one(tmp_path):
-    rows = _image_rows(tmp_path, [(20, 20)])
-    dataset = ImageDataset([tmp_path / rows[0].file], None, EvalPreset(size=16, normalisation=LITE))
-    assert dataset[(0, 0)][1] == -1
-
-
 # ---------------------------------------------------------------- resize cache and manifest
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kagglecls.device import StepSettings
-from kagglecls.features import FeatureBatches, FeatureDataset, feature_loader, write_features
+from kagglecls.features import FeatureBatches, feature_loader, write_features
 from kagglecls.fitting import make_optimizer
 from kagglecls.models import Classifier, build_classifier, make_head
 
@@ -129,8 +129,7 @@ def _rows_of(batches) -> list[list[int]]:
 
 def test_feature_batches_in_order_without_shuffle(tmp_path):
     labels = np.array([1, 0, 1, 0, 1, 0, 1])
-    dataset = FeatureDataset(_row_numbered(tmp_path, 7), labels)
-    batches = FeatureBatches(dataset, batch_size=3, shuffle=False, seed=0, drop_last=False)
+    batches = FeatureBatches(_row_numbered(tmp_path, 7), labels, batch_size=3, shuffle=False, seed=0)
     assert len(batches) == 3
     assert _rows_of(batches) == [[0, 1, 2], [3, 4, 5], [6]]
     assert [targets.tolist() for _inputs, targets in batches] == [[1, 0, 1], [0, 1, 0], [1]]
@@ -138,8 +137,8 @@ def test_feature_batches_in_order_without_shuffle(tmp_path):
 
 
 def test_feature_batches_shuffle_per_epoch_deterministically(tmp_path):
-    dataset = FeatureDataset(_row_numbered(tmp_path, 10))
-    batches = FeatureBatches(dataset, batch_size=4, shuffle=True, seed=3, drop_last=False)
+    path = _row_numbered(tmp_path, 10)
+    batches = FeatureBatches(path, None, batch_size=4, shuffle=True, seed=3)
     assert batches.sampler is batches  # fit() calls loader.sampler.set_epoch(epoch)
     first = _rows_of(batches)
     assert _rows_of(batches) == first
@@ -149,7 +148,7 @@ def test_feature_batches_shuffle_per_epoch_deterministically(tmp_path):
     second = _rows_of(batches)
     assert second != first
     assert sorted(row for batch in second for row in batch) == list(range(10))
-    same_seed = FeatureBatches(dataset, batch_size=4, shuffle=True, seed=3, drop_last=False)
+    same_seed = FeatureBatches(path, None, batch_size=4, shuffle=True, seed=3)
     same_seed.set_epoch(1)
     assert _rows_of(same_seed) == second
 
@@ -164,6 +163,8 @@ def test_feature_loader_drops_a_last_training_batch_of_one(tmp_path):
     assert [targets.tolist() for _inputs, targets in unlabelled] == [[-1] * 4, [-1] * 3]
 
 
-def test_feature_dataset_labels_must_match_rows(tmp_path):
+def test_feature_labels_must_match_rows(tmp_path):
     with pytest.raises(ValueError, match="rows.npy: 7 rows but 6 labels"):
-        FeatureDataset(_row_numbered(tmp_path, 7), np.zeros(6, dtype=np.int64))
+        FeatureBatches(
+            _row_numbered(tmp_path, 7), np.zeros(6, dtype=np.int64), batch_size=3, shuffle=False, seed=0
+        )

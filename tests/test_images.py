@@ -390,9 +390,9 @@ def test_write_resized_cache_second_run_writes_nothing_and_keeps_reporting_error
     sources = [_jpeg(tmp_path / "photo.jpg", 120, 90), tmp_path / "empty.jpg"]
     sources[1].write_bytes(b"")
     targets = [tmp_path / "cache" / "photo.jpg", tmp_path / "cache" / "empty.jpg"]
-    first = write_resized_cache(sources, targets, short_side=30, workers=1, quality=80)
+    first = write_resized_cache(sources, targets, short_side=30, workers=1)
     built = targets[0].stat().st_mtime_ns
-    second = write_resized_cache(sources, targets, short_side=30, workers=1, quality=80)
+    second = write_resized_cache(sources, targets, short_side=30, workers=1)
     assert first == [None, f"{sources[1]}: empty file (0 bytes), expected an image"]
     assert second == first
     assert targets[0].stat().st_mtime_ns == built

@@ -133,6 +133,14 @@ def test_wrong_type_names_key_value_and_type(raw, expected):
         ({"train_head": {"cycle_mult": 0.5}}, "train_head.cycle_mult: 0.5 is out of range; allowed: >= 1"),
         ({"base": {"image_size": 16}}, "base.image_size: 16 is out of range; allowed: >= 32"),
         (
+            {"data": {"sample": {"n_classes": 11}}},
+            "data.sample.n_classes: 11 is out of range; allowed: 2..10 (digits)",
+        ),
+        (
+            {"data": {"sample": {"image_size": 8}}},
+            "data.sample.image_size: 8 is out of range; allowed: >= 16",
+        ),
+        (
             {"model": {"arch": "vgg16"}},
             "model.arch: 'vgg16' is not allowed; expected one of efficientnet_lite0, resnet34, "
             "resnext50_32x4d, resnext101_32x8d",

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 import recipe  # noqa: E402
 import suite  # noqa: E402
 
-# A small embedded sample: build_sample_competition's checks allow it, and it builds in a fraction of a second.
+# A small embedded sample: params' data.sample ranges allow it, and it builds in a fraction of a second.
 SAMPLE_PARAMS = {"n_classes": 3, "train_per_class": 4, "n_test": 6, "image_size": 32}
 SAMPLE_SEED = 3
 

@@ -1,6 +1,5 @@
 """Files and folders written beside their place and os.replace'd there only when complete, so a crash never
-leaves a half-written output that looks whole; also the JSON and CSV files DVC reads. Imports nothing of
-ours."""
+leaves a half-written output that looks whole; the JSON and CSV files DVC reads. Imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -26,11 +25,8 @@ def write_file(path: Path, *, sync: bool = False) -> Iterator[Path]:
     try:
         yield temporary
         if sync:
-            descriptor = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

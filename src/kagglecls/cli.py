@@ -11,8 +11,6 @@ from pathlib import Path
 from kagglecls.errors import UserError
 from kagglecls.params import Params, load_params
 
-log = logging.getLogger("kagglecls")
-
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
@@ -23,9 +21,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_stage(
-    name: str,
-    body: Callable[[argparse.Namespace, Params], None],
-    parser: argparse.ArgumentParser,
+    name: str, body: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser
 ) -> None:
     """Parse arguments, load and validate params, run `body`; user errors exit 2 with one line on stderr."""
     logging.basicConfig(

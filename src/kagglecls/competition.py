@@ -1,6 +1,5 @@
-"""Kaggle image-classification competitions in their three layouts (labels_csv: Dog Breed, class_folders:
-Plant Seedlings, filename: Dogs vs. Cats Redux), and the embedded sample competition of scikit-learn's
-digits."""
+"""Kaggle competitions in their three layouts (labels_csv: Dog Breed, class_folders: Plant Seedlings,
+filename: Dogs vs. Cats Redux), and the embedded sample competition of scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -54,10 +53,7 @@ def build_sample_competition(
     seed: int = 0,
 ) -> None:
     """Write a Dog-Breed-layout competition of handwritten digits to `dest`, byte-for-byte deterministic,
-    built aside and moved into place whole."""
-    _check_sample_arguments(
-        n_classes=n_classes, train_per_class=train_per_class, n_test=n_test, image_size=image_size
-    )
+    built aside and moved into place whole. params.SampleParams holds the ranges of the arguments."""
     # Imported here: only the download stage builds a sample, and scikit-learn costs 0.8 s to import.
     from sklearn.datasets import load_digits
 
@@ -82,19 +78,6 @@ def build_sample_competition(
             sample[class_name] = 1.0 / n_classes  # uniform, as Kaggle's own sample submissions are
         sample.to_csv(work / "sample_submission.csv", index=False, lineterminator="\n")
     logger.info("sample competition: %d train and %d test images in %s", len(train_ids), len(test_ids), dest)
-
-
-def _check_sample_arguments(*, n_classes: int, train_per_class: int, n_test: int, image_size: int) -> None:
-    if not 2 <= n_classes <= len(DIGIT_NAMES):
-        raise CompetitionError(f"sample competition: n_classes must be in 2..10, found {n_classes}")
-    if train_per_class < 2:
-        raise CompetitionError(
-            f"sample competition: train_per_class must be at least 2, found {train_per_class}"
-        )
-    if n_test < 1:
-        raise CompetitionError(f"sample competition: n_test must be at least 1, found {n_test}")
-    if image_size < 16:
-        raise CompetitionError(f"sample competition: image_size must be at least 16 px, found {image_size}")
 
 
 def _split_digits(
@@ -172,17 +155,14 @@ def load_competition(
     labels_file: str | None = None,
     id_column: str | None = None,
     label_column: str | None = None,
-    train_dir: str = "train",
-    test_dir: str = "test",
-    sample_submission: str = "sample_submission.csv",
 ) -> Competition:
     """The labelled training images and the test image of every sample id of the competition in `raw_dir`."""
     raw_dir = Path(raw_dir).resolve()
     if layout not in LAYOUTS:
         raise CompetitionError(f"layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
-    sample_path = raw_dir / sample_submission
+    sample_path = raw_dir / "sample_submission.csv"
     test_ids = tuple(read_sample_table(sample_path).iloc[:, 0])
-    train_folder = _image_folder(raw_dir / train_dir, role="training")
+    train_folder = _image_folder(raw_dir / "train", role="training")
     if layout == "auto":
         layout = _detect_layout(raw_dir, train_folder, labels_file=labels_file, sample_path=sample_path)
     if layout == "labels_csv":
@@ -199,7 +179,7 @@ def load_competition(
         source = str(train_folder)
     classes = _check_classes(labels, source=source)
     test_files, test_warnings = _match_test_images(
-        test_ids, _image_folder(raw_dir / test_dir, role="test"), sample_path=sample_path
+        test_ids, _image_folder(raw_dir / "test", role="test"), sample_path=sample_path
     )
     warnings = (*train_warnings, *test_warnings)
     for warning in warnings:
@@ -270,8 +250,7 @@ def read_sample_table(sample_path: Path) -> pd.DataFrame:
     """sample_submission.csv as strings: distinct column names, an id column of unique non-empty ids first."""
     if not sample_path.is_file():
         raise CompetitionError(
-            f"{sample_path}: sample submission not found; expected the competition's sample_submission.csv "
-            "(set sample_submission to its name)"
+            f"{sample_path}: sample submission not found; expected the competition's sample_submission.csv"
         )
     # Read without a header, so a repeated column name is not renamed away by pandas.
     rows = _read_csv_strings(sample_path, what="sample submission", header=None)
@@ -298,8 +277,7 @@ def read_sample_table(sample_path: Path) -> pd.DataFrame:
 def _check_unique_ids(ids: pd.Series, *, path: Path) -> None:
     repeated = ids.duplicated(keep=False).to_numpy()
     if repeated.any():
-        lines = _line_numbers(repeated)
-        first = ids.iloc[lines[0] - 2]
+        first = ids[repeated].iloc[0]
         first_lines = _line_numbers((ids == first).to_numpy())
         count = ids[repeated].nunique()
         raise CompetitionError(
@@ -429,12 +407,9 @@ def _labels_from_table(
             labels.append(label)
     labelled = set(files)
     unlabelled = [image.name for image in images if image not in labelled]
-    return (
-        files,
-        labels,
-        _counted(without_image, f"ids in {path.name} have no image in {train_folder} (dropped)")
-        + _counted(unlabelled, f"images in {train_folder} have no label in {path.name} (ignored)"),
-    )
+    warnings = _counted(without_image, f"ids in {path.name} have no image in {train_folder} (dropped)")
+    warnings += _counted(unlabelled, f"images in {train_folder} have no label in {path.name} (ignored)")
+    return files, labels, warnings
 
 
 def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -446,12 +421,11 @@ def _labels_from_class_folders(train_folder: Path) -> tuple[list[Path], list[str
         files.extend(images)
         labels.extend([folder.name] * len(images))
     stray = [image.name for image in _list_images(train_folder)]
-    return (
-        files,
-        labels,
-        _counted(empty_folders, f"folders in {train_folder} hold no images (ignored)")
-        + _counted(stray, f"images in {train_folder} are outside any class folder, so unlabelled (ignored)"),
+    warnings = _counted(empty_folders, f"folders in {train_folder} hold no images (ignored)")
+    warnings += _counted(
+        stray, f"images in {train_folder} are outside any class folder, so unlabelled (ignored)"
     )
+    return files, labels, warnings
 
 
 def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -463,11 +437,8 @@ def _labels_from_file_names(train_folder: Path) -> tuple[list[Path], list[str], 
             labels.append(image.name.split(".", 1)[0])
         else:
             unlabelled.append(image.name)
-    return (
-        files,
-        labels,
-        _counted(unlabelled, f"images in {train_folder} have no '<label>.' prefix in their name (ignored)"),
-    )
+    what = f"images in {train_folder} have no '<label>.' prefix in their name (ignored)"
+    return files, labels, _counted(unlabelled, what)
 
 
 def _counted(items: Sequence[str], what: str) -> list[str]:

@@ -172,15 +172,10 @@ class ImageDataset(Dataset):
     in memory up to `keep_decoded_bytes` (the transforms never modify their input)."""
 
     def __init__(
-        self,
-        files: Sequence[Path],
-        labels: Sequence[int] | None,
-        transform,
-        *,
-        keep_decoded_bytes: int = 0,
+        self, files: Sequence[Path], labels: Sequence[int], transform, *, keep_decoded_bytes: int = 0
     ) -> None:
         self.files = list(files)
-        self.labels = list(labels) if labels is not None else [-1] * len(self.files)
+        self.labels = list(labels)
         self.transform = transform
         self.keep_decoded_bytes = keep_decoded_bytes
         self._decoded: dict[int, Image.Image] = {}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kagglecls.atomic import building_folder, write_file, write_json
@@ -32,54 +31,39 @@ def write_features(
 ) -> None:
     """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically."""
     model.eval()
-    with write_file(path) as temporary:
-        _stream_features(model, loader, n_items=n_items, temporary=temporary, settings=settings,
-                         description=description, path=path)  # fmt: skip
-
-
-def _stream_features(model, loader, *, n_items, temporary, settings, description, path) -> None:
     array = None
     position = 0
-    for inputs, _targets in tqdm(loader, desc=description, leave=False):
-        with settings.autocast():
-            features = model.features(settings.move(inputs)).float().cpu().numpy()
+    with write_file(path) as temporary:
+        for inputs, _targets in tqdm(loader, desc=description, leave=False):
+            with settings.autocast():
+                features = model.features(settings.move(inputs)).float().cpu().numpy()
+            if array is None:
+                array = np.lib.format.open_memmap(
+                    temporary, mode="w+", dtype=np.float16, shape=(n_items, features.shape[1])
+                )
+            array[position : position + len(features)] = features
+            position += len(features)
         if array is None:
-            array = np.lib.format.open_memmap(
-                temporary, mode="w+", dtype=np.float16, shape=(n_items, features.shape[1])
-            )
-        array[position : position + len(features)] = features
-        position += len(features)
-    if array is None:
-        raise ValueError(f"{path}: nothing to precompute: the loader is empty")
-    if position != n_items:
-        raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
-    array.flush()
+            raise ValueError(f"{path}: nothing to precompute: the loader is empty")
+        if position != n_items:
+            raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
+        array.flush()
 
 
-class FeatureDataset(Dataset):
-    """Rows of a features array with their label indices; the array stays memory-mapped."""
+class FeatureBatches:
+    """Batches of a memory-mapped features array and its label indices (-1 without labels), sliced straight
+    from the array (far cheaper than one row at a time), shuffled per epoch."""
 
-    def __init__(self, path: Path, labels: np.ndarray | None = None) -> None:
+    def __init__(
+        self, path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
+    ) -> None:
         self.features = np.load(path, mmap_mode="r")
         self.labels = labels if labels is not None else np.full(len(self.features), -1, dtype=np.int64)
         if len(self.labels) != len(self.features):
             raise ValueError(f"{path}: {len(self.features)} rows but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)), int(self.labels[index])
-
-
-class FeatureBatches:
-    """Batches straight from the array by slicing (far cheaper than one item at a time), shuffled per epoch."""
-
-    def __init__(
-        self, dataset: FeatureDataset, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool
-    ) -> None:
-        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.seed, self.drop_last = seed, drop_last
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # Training drops a last batch of one: BatchNorm cannot train on a single row.
+        self.drop_last = shuffle and len(self.features) % batch_size == 1
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,27 +74,24 @@ class FeatureBatches:
         return self  # fit() calls loader.sampler.set_epoch
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = len(self.features)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.dataset)
+        n = len(self.features)
         order = np.arange(n)
         if self.shuffle:
             order = np.random.default_rng(self.seed * 100_003 + self.epoch).permutation(n)
         for batch in range(len(self)):
             indices = np.sort(order[batch * self.batch_size : (batch + 1) * self.batch_size])
-            inputs = torch.from_numpy(np.asarray(self.dataset.features[indices], dtype=np.float32))
-            yield inputs, torch.from_numpy(self.dataset.labels[indices].astype(np.int64))
+            inputs = torch.from_numpy(np.asarray(self.features[indices], dtype=np.float32))
+            yield inputs, torch.from_numpy(self.labels[indices].astype(np.int64))
 
 
 def feature_loader(
     path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
-) -> FeatureBatches | DataLoader:
-    dataset = FeatureDataset(path, labels)
-    # Training drops a last batch of one: BatchNorm cannot train on a single row.
-    drop_last = shuffle and len(dataset) % batch_size == 1
-    return FeatureBatches(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+) -> FeatureBatches:
+    return FeatureBatches(path, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
 
 def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: Path) -> None:

@@ -47,18 +47,9 @@ class ImageCheck:
     error: str | None  # None when readable
 
 
-@dataclass(frozen=True)
-class _ResizeJob:
-    source: Path
-    target: Path
-    short_side: int
-    quality: int
-
-
 def load_rgb(path: Path, *, short_side: int | None = None) -> Image.Image:
     """Decode an image file (format sniffed from the content) to upright RGB, alpha on white, 16-bit scaled to
-    8; with `short_side`, resized to it. Raises BadImageError for empty, truncated, non-image or bomb-sized
-    files."""
+    8, resized to `short_side` if given; BadImageError for empty, truncated, non-image or bomb-sized files."""
     return _decode(Path(path), short_side=short_side, upscale=True)
 
 
@@ -74,27 +65,19 @@ def check_images(paths: Sequence[Path], *, workers: int = 2) -> list[ImageCheck]
 
 
 def write_resized_cache(
-    sources: Sequence[Path],
-    targets: Sequence[Path],
-    *,
-    short_side: int,
-    workers: int = 2,
-    quality: int = 95,
+    sources: Sequence[Path], targets: Sequence[Path], *, short_side: int, workers: int = 2
 ) -> list[str | None]:
-    """Save each source as a JPEG whose shorter side is `short_side` (never upscaled, as fastai's data.resize);
-    None or the error text per item. Existing targets are skipped, so an interrupted build resumes; temporaries
-    a killed run left are removed first."""
+    """Save each source as a JPEG of shorter side `short_side` (never upscaled, as fastai's data.resize); None
+    or the error text per item. Existing targets are skipped (a build resumes), a killed run's temporaries go."""
     target_paths = [Path(target) for target in targets]
     for folder in sorted({target.parent for target in target_paths}):
         for stale in remove_temporaries(folder):
             logger.info("removed %s, left by an interrupted run", stale)
-    jobs = [
-        _ResizeJob(source=Path(source), target=target, short_side=short_side, quality=quality)
-        for source, target in zip(sources, target_paths, strict=True)
-        if not target.exists()
-    ]
-    job_results = _map_in_workers(_resize_one, jobs, workers=workers, description="resize")
-    job_errors = {job.target: error for job, error in zip(jobs, job_results, strict=True)}
+    jobs = [(Path(source), target) for source, target in zip(sources, target_paths, strict=True)]
+    jobs = [(source, target) for source, target in jobs if not target.exists()]
+    resize = partial(_resize_one, short_side=short_side)
+    job_results = _map_in_workers(resize, jobs, workers=workers, description="resize")
+    job_errors = {target: error for (_source, target), error in zip(jobs, job_results, strict=True)}
     errors = [job_errors.get(target) for target in target_paths]
     logger.info(
         "resized cache at short side %d: %d written, %d already there, %d unreadable",
@@ -218,13 +201,14 @@ def _check_one(path: Path) -> ImageCheck:
     return ImageCheck(path=path, width=image.width, height=image.height, error=None)
 
 
-def _resize_one(job: _ResizeJob) -> str | None:
+def _resize_one(job: tuple[Path, Path], *, short_side: int) -> str | None:
+    source, target = job
     try:
-        image = _decode(job.source, short_side=job.short_side, upscale=False)
+        image = _decode(source, short_side=short_side, upscale=False)
     except BadImageError as error:
         return str(error)
-    with write_file(job.target) as temporary:
-        image.save(temporary, format="JPEG", quality=job.quality)
+    with write_file(target) as temporary:
+        image.save(temporary, format="JPEG", quality=95)
     return None
 
 

@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -44,15 +45,7 @@ def download(*, params: Params, dest: Path) -> None:
     """data/raw: the competition as Kaggle ships it (or the embedded sample built in the same layout)."""
     data = params.data
     if data.source == "sample":
-        sample = data.sample
-        build_sample_competition(
-            dest,
-            n_classes=sample.n_classes,
-            train_per_class=sample.train_per_class,
-            n_test=sample.n_test,
-            image_size=sample.image_size,
-            seed=params.base.seed,
-        )
+        build_sample_competition(dest, **asdict(data.sample), seed=params.base.seed)
     else:
         fetch_competition(source=data.source, competition=data.competition, dest=dest)
     logger.info("download: competition in %s", dest)
@@ -75,12 +68,8 @@ def fetch_competition(*, source: str, competition: str, dest: Path) -> None:
 
 
 def submit(*, submission_csv: Path, competition: str, message: str) -> str:
-    """Upload `submission_csv` to `competition` with the kaggle client; returns the server's message."""
-    submission_csv = Path(submission_csv)
-    if not submission_csv.is_file():
-        raise KaggleError(
-            f"{submission_csv}: no such file; build the submission (dvc repro) before submitting"
-        )
+    """Upload `submission_csv` (submit.main has read and validated it) to `competition` with the kaggle
+    client; returns the server's message."""
     api = _authenticated_api()
     with _client_output(api), _client_errors(api, competition=competition, action="submit to"):
         _check_submission_limits(api, competition=competition)
@@ -104,9 +93,8 @@ def _download(*, competition: str, folder: Path) -> Path:
                 f"download of competition {competition!r} was cut short ({error}); run again"
             ) from None
     archives = sorted(folder.glob("*.zip"))
-    if len(archives) != 1:
-        received = sorted(folder.iterdir()) if folder.is_dir() else []
-        found = ", ".join(path.name for path in received) or "nothing"
+    if len(archives) != 1:  # `folder` is the temporary folder fetch_competition made
+        found = ", ".join(path.name for path in sorted(folder.iterdir())) or "nothing"
         raise KaggleError(f"Kaggle sent no single zip for competition {competition!r} (found {found})")
     return archives[0]
 
@@ -133,9 +121,8 @@ def _authenticated_api() -> Any:
 
 def _client_config_dir() -> str:
     """Where the kaggle client looks for kaggle.json (the same rule as KaggleApi.config_dir)."""
-    config_dir = os.environ.get("KAGGLE_CONFIG_DIR") or ""
-    if config_dir:
-        return config_dir
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return os.environ["KAGGLE_CONFIG_DIR"]
     home = os.path.expanduser("~")
     config_dir = os.path.join(home, ".kaggle")
     if sys.platform.startswith("linux") and not os.path.exists(config_dir):
@@ -289,16 +276,12 @@ def _check_member(info: zipfile.ZipInfo, *, label: str) -> None:
 
 
 def _write_members(archive: zipfile.ZipFile, target: Path, *, label: str) -> None:
+    """Write the entries of a zip that _checked_zip opened, whose names all stay inside `target`."""
     target.mkdir(parents=True, exist_ok=True)
-    root = target.resolve()
     for info in tqdm(
         archive.infolist(), desc=f"unzip {Path(label).name}", unit="file", disable=None, leave=False
     ):
-        path = root.joinpath(*info.filename.replace("\\", "/").split("/"))
-        if not path.resolve().is_relative_to(root):
-            raise KaggleError(
-                f"{label}: entry {info.filename!r} lands outside {target.name}; refusing to extract"
-            )
+        path = target.joinpath(*info.filename.replace("\\", "/").split("/"))
         try:
             if info.is_dir():
                 path.mkdir(parents=True, exist_ok=True)

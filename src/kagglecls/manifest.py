@@ -8,10 +8,10 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kagglecls.atomic import write_file
+from kagglecls.atomic import write_csv
 from kagglecls.errors import UserError
 
 MANIFEST_COLUMNS = ("file", "label", "split", "id", "md5", "width", "height")
@@ -46,10 +46,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 
 def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
-    with write_file(path) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows([getattr(row, column) for column in MANIFEST_COLUMNS] for row in rows)
+    write_csv([asdict(row) for row in rows], path, columns=MANIFEST_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,5 @@ def stratified_split(labels: Sequence[str], *, valid_pct: float, seed: int) -> l
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()

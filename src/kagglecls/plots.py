@@ -18,14 +18,11 @@ if TYPE_CHECKING:
 
 
 def _figure(**options: object) -> Figure:
-    """A matplotlib Figure on an Agg canvas, without pyplot: no global state, no display. matplotlib is
-    imported here, by the stages that draw."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """A matplotlib Figure without pyplot (no global state, no display; savefig picks the Agg canvas for a
+    PNG). matplotlib is imported here, by the stages that draw."""
     from matplotlib.figure import Figure
 
-    figure = Figure(**options)
-    FigureCanvasAgg(figure)
-    return figure
+    return Figure(**options)
 
 
 def _save(figure: Figure, path: Path) -> None:

@@ -11,14 +11,7 @@ from pathlib import Path
 
 from kagglecls import competition, images
 from kagglecls.atomic import building_folder, write_json
-from kagglecls.manifest import (
-    ClassInfo,
-    DataError,
-    ManifestRow,
-    file_md5,
-    stratified_split,
-    write_manifest,
-)
+from kagglecls.manifest import ClassInfo, DataError, ManifestRow, file_md5, stratified_split, write_manifest
 from kagglecls.params import Params
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from kagglecls.atomic import write_file
-from kagglecls.competition import CompetitionError, read_sample_table
+from kagglecls.competition import read_sample_table
 from kagglecls.errors import UserError, examples
 from kagglecls.manifest import read_class_info
 from kagglecls.params import Params
@@ -47,10 +47,7 @@ def read_sample_submission(
 ) -> SubmissionFormat:
     """The format of `path`; with `classes` (the training labels) it is also checked against them."""
     path = Path(path)
-    try:
-        table = read_sample_table(path)
-    except CompetitionError as error:
-        raise SubmissionError(str(error)) from None
+    table = read_sample_table(path)  # a CompetitionError names what is wrong with the sample
     id_column, *value_columns = table.columns
     ids = table[id_column]
     kind = _sample_kind(table, path=path, classes=classes)
@@ -119,8 +116,7 @@ def _positive_class(
     if len(classes) != 2:
         raise SubmissionError(
             f"{source}: a single probability column {column!r} needs exactly 2 classes, the training labels "
-            f"have "
-            f"{len(classes)} ({examples(sorted(classes))})"
+            f"have {len(classes)} ({examples(sorted(classes))})"
         )
     words = set(re.split(r"[^0-9a-z]+", column.lower()))
     named = [name for name in classes if name.lower() in words]
@@ -158,15 +154,13 @@ def build_submission(
     return pd.DataFrame({fmt.id_column: list(fmt.ids), **values}, columns=[fmt.id_column, *fmt.value_columns])
 
 
-def validate_submission(
-    frame: pd.DataFrame, fmt: SubmissionFormat, *, classes: Sequence[str] | None = None
-) -> None:
+def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat) -> None:
     """Raise SubmissionError unless `frame` has every sample id once and in order, the sample's columns, and
-    values that fit: probabilities in [0, 1] summing to 1 per row, labels among `classes` if given."""
+    values that fit: probabilities in [0, 1] summing to 1 per row, a label in every row."""
     _check_columns(list(frame.columns), fmt)
     _check_ids([str(value) for value in frame[fmt.id_column]], fmt)
     if fmt.kind == "label":
-        _check_labels(frame[fmt.value_columns[0]], ids=fmt.ids, classes=classes)
+        _check_labels(frame[fmt.value_columns[0]], ids=fmt.ids)
     else:
         _check_probabilities(frame[list(fmt.value_columns)], fmt=fmt)
 
@@ -232,28 +226,20 @@ def _check_probabilities(values: pd.DataFrame, *, fmt: SubmissionFormat) -> None
     )
 
 
-def _check_labels(values: pd.Series, *, ids: tuple[str, ...], classes: Sequence[str] | None) -> None:
-    labels = ["" if pd.isna(value) else str(value) for value in values]
-    allowed = None if classes is None else set(classes)
-    bad_rows = [
-        row for row, label in enumerate(labels) if not label or (allowed is not None and label not in allowed)
-    ]
+def _check_labels(values: pd.Series, *, ids: tuple[str, ...]) -> None:
+    bad_rows = [row for row, value in enumerate(values) if pd.isna(value) or not str(value)]
     if bad_rows:
         row = bad_rows[0]
-        expected = "a class name" if classes is None else f"one of {examples(sorted(allowed))}"
         raise SubmissionError(
-            f"submission row {row + 1} (id {ids[row]!r}): label {values.iloc[row]!r} is not {expected} "
+            f"submission row {row + 1} (id {ids[row]!r}): label {values.iloc[row]!r} is not a class name "
             f"({len(bad_rows)} bad rows)"
         )
 
 
 def write_submission(frame: pd.DataFrame, path: Path) -> None:
     """Write `frame` as CSV to `path` through atomic.write_file, synced: never a half-made `path`."""
-    with (
-        write_file(path, sync=True) as temporary,
-        open(temporary, "w", newline="", encoding="utf-8") as stream,
-    ):
-        frame.to_csv(stream, index=False, lineterminator="\n")
+    with write_file(path, sync=True) as temporary:
+        frame.to_csv(temporary, index=False, lineterminator="\n", encoding="utf-8")
     logger.info("wrote %s (%d rows, %d columns)", path, len(frame), len(frame.columns))
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kagglecls.kaggle_io import KaggleError, submit
-from kagglecls.params import ParamsError, load_params
+from kagglecls.errors import UserError
+from kagglecls.kaggle_io import submit
+from kagglecls.params import load_params
 from kagglecls.submission import SubmissionError, read_sample_submission, validate_submission
 
 logger = logging.getLogger(__name__)
@@ -23,21 +24,6 @@ EXIT_USER_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _argument_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        competition = args.competition or load_params(args.params).data.competition
-        _validate(args.submission, args.sample)
-        description = submission_description(message=args.message, metrics_path=args.metrics)
-        server_message = submit(submission_csv=args.submission, competition=competition, message=description)
-    except (KaggleError, SubmissionError, ParamsError) as error:
-        parser.exit(EXIT_USER_ERROR, f"{parser.prog}: error: {error}\n")
-    logger.info("Kaggle says: %s", server_message)
-    return 0
-
-
-def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kagglecls-submit", description=__doc__.splitlines()[0])
     parser.add_argument("--submission", type=Path, default=Path("data/submission.csv"))
     parser.add_argument("--sample", type=Path, default=Path("data/raw/sample_submission.csv"))
@@ -45,7 +31,17 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/predict_tta.json"))
     parser.add_argument("--message", default="", help="what this submission tries")
-    return parser
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        competition = args.competition or load_params(args.params).data.competition
+        _validate(args.submission, args.sample)
+        description = submission_description(message=args.message, metrics_path=args.metrics)
+        server_message = submit(submission_csv=args.submission, competition=competition, message=description)
+    except UserError as error:  # bad params, sample, submission or Kaggle answer: one line, no traceback
+        parser.exit(EXIT_USER_ERROR, f"{parser.prog}: error: {error}\n")
+    logger.info("Kaggle says: %s", server_message)
+    return 0
 
 
 def submission_description(*, message: str, metrics_path: Path) -> str:
@@ -65,19 +61,11 @@ def submission_description(*, message: str, metrics_path: Path) -> str:
 
 def _git_commit() -> str | None:
     """Short hash of HEAD, with -dirty when tracked files differ from it; None outside a git checkout."""
+    command = ["git", "describe", "--always", "--dirty", "--exclude=*"]  # every tag excluded: the hash
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def _valid_log_loss(metrics_path: Path) -> float | None:
