@@ -276,12 +276,16 @@ def _check_member(info: zipfile.ZipInfo, *, label: str) -> None:
 
 
 def _write_members(archive: zipfile.ZipFile, target: Path, *, label: str) -> None:
-    """Write the entries of a zip that _checked_zip opened, whose names all stay inside `target`."""
     target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
     for info in tqdm(
         archive.infolist(), desc=f"unzip {Path(label).name}", unit="file", disable=None, leave=False
     ):
-        path = target.joinpath(*info.filename.replace("\\", "/").split("/"))
+        path = root.joinpath(*info.filename.replace("\\", "/").split("/"))
+        if not path.resolve().is_relative_to(root):
+            raise KaggleError(
+                f"{label}: entry {info.filename!r} lands outside {target.name}; refusing to extract"
+            )
         try:
             if info.is_dir():
                 path.mkdir(parents=True, exist_ok=True)
