@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from kagglecls.competition import build_sample_competition, load_competition  # noqa: E402
 from kagglecls.data import EvalPreset, ImageDataset, cache_short_side, make_loader  # noqa: E402
 from kagglecls.device import StepSettings, seed_everything  # noqa: E402
-from kagglecls.features import feature_loader, write_features  # noqa: E402
+from kagglecls.features import FeatureBatches, write_features  # noqa: E402
 from kagglecls.fitting import make_optimizer  # noqa: E402
 from kagglecls.images import write_resized_cache  # noqa: E402
 from kagglecls.loading import normalisation_for  # noqa: E402
@@ -102,7 +102,7 @@ def measure_size(
         model, loader(False), n_items=len(files), path=features, settings=plain, description="precompute"
     )
     precompute_seconds = time.perf_counter() - started
-    head_loader = feature_loader(
+    head_loader = FeatureBatches(
         features, np.asarray(labels, dtype=np.int64), batch_size=arguments.batch_size, shuffle=True, seed=0
     )
     head_seconds = best_of(arguments.repeats, one_epoch(model.head, head_loader, settings=plain))

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kagglecls.device import StepSettings
-from kagglecls.features import FeatureBatches, feature_loader, write_features
+from kagglecls.features import FeatureBatches, write_features
 from kagglecls.fitting import make_optimizer
 from kagglecls.models import Classifier, build_classifier, make_head
 
@@ -39,7 +39,7 @@ def _logit_tolerance(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
 
 def _train_head_on(path, labels: np.ndarray, head: nn.Module) -> None:
     """A few epochs on the stored rows, as train_head does, so the head's predictions are not flat."""
-    loader = feature_loader(path, labels, batch_size=3, shuffle=True, seed=0)
+    loader = FeatureBatches(path, labels, batch_size=3, shuffle=True, seed=0)
     optimizer = make_optimizer([list(head.parameters())], [1e-2], kind="adam", weight_decay=0.01)
     head.train()
     for epoch in range(10):
@@ -155,11 +155,11 @@ def test_feature_batches_shuffle_per_epoch_deterministically(tmp_path):
 
 def test_feature_loader_drops_a_last_training_batch_of_one(tmp_path):
     path = _row_numbered(tmp_path, 7)
-    training = feature_loader(path, np.zeros(7, dtype=np.int64), batch_size=3, shuffle=True, seed=0)
+    training = FeatureBatches(path, np.zeros(7, dtype=np.int64), batch_size=3, shuffle=True, seed=0)
     assert len(training) == 2 and sum(len(batch) for batch in _rows_of(training)) == 6
-    evaluation = feature_loader(path, np.zeros(7, dtype=np.int64), batch_size=3, shuffle=False, seed=0)
+    evaluation = FeatureBatches(path, np.zeros(7, dtype=np.int64), batch_size=3, shuffle=False, seed=0)
     assert len(evaluation) == 3 and sum(len(batch) for batch in _rows_of(evaluation)) == 7
-    unlabelled = feature_loader(path, None, batch_size=4, shuffle=False, seed=0)
+    unlabelled = FeatureBatches(path, None, batch_size=4, shuffle=False, seed=0)
     assert [targets.tolist() for _inputs, targets in unlabelled] == [[-1] * 4, [-1] * 3]
 
 

@@ -88,12 +88,6 @@ class FeatureBatches:
             yield inputs, torch.from_numpy(self.labels[indices].astype(np.int64))
 
 
-def feature_loader(
-    path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
-) -> FeatureBatches:
-    return FeatureBatches(path, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
-
-
 def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: Path) -> None:
     """Activations of the frozen pretrained body (eval transforms: no augmentation) for train, valid and test."""
     seed_everything(params.base.seed)

@@ -25,7 +25,7 @@ from kagglecls.device import (
     seed_everything,
     wrap_distributed,
 )
-from kagglecls.features import feature_loader
+from kagglecls.features import FeatureBatches
 from kagglecls.loading import (
     build_model,
     image_loader,
@@ -176,7 +176,7 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
     model = build_model(params, len(classes), pretrained=False)
     head = model.head.to(device)
     settings = StepSettings(device=device)
-    valid_loader = feature_loader(
+    valid_loader = FeatureBatches(
         features_dir / "valid.npy",
         splits["valid"].labels,
         batch_size=256,
@@ -247,7 +247,7 @@ def fit_linear_head(
 
 def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):
     """Shuffled mini-batches of the training activations, at the stage's batch size."""
-    return feature_loader(
+    return FeatureBatches(
         features_dir / "train.npy",
         labels,
         batch_size=fit_params.batch_size or params.base.batch_size,
