@@ -1,7 +1,7 @@
 """Stage size_histogram: widths and heights of the training images, as a PNG and a JSON summary.
 
 Run by DVC: `python stages/size_histogram.py --reorganised data/reorganised --png plots/size_histogram.png
---summary metrics/size_histogram.json`.
+--summary plots/size_histogram.json`.
 """
 
 from pathlib import Path
