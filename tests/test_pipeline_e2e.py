@@ -6,6 +6,7 @@ train_head param with `dvc exp run -S` reruns train_head and what follows it, no
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,21 @@ def test_a_finished_run_leaves_no_checkpoint_and_a_code_change_retrains(project:
     assert stages_run(output) == ["train_head", "train_augmented", "finetune"]
     assert "resuming" not in output
     assert "finetune size 32 epoch 1/1" in output
+
+
+def test_dvc_plots_show_draws_each_figure_once(project: Path) -> None:
+    """After the lr: auto experiment above, so train_augmented's lr_find curve is there."""
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], project))["data"]
+    assert set(shown) == {
+        "lr_find (train_augmented)",
+        "training loss",
+        "valid accuracy",
+        "confusion matrix (valid, TTA)",
+        "plots/size_histogram.png",
+        "plots/finetune/history.png",
+        "plots/predict_tta/confusion_matrix.png",
+        "plots/predict_tta/top_losses.png",
+    }
+    assert all(len(renders) == 1 for renders in shown.values())
+    lr_find = pd.read_csv(project / "plots/train_augmented/lr_find.csv")
+    np.testing.assert_allclose(lr_find["log10_lr"], np.log10(lr_find["lr"]))

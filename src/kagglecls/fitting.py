@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -104,9 +105,12 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
     if plot_path is not None:
         plots.plot_lr_find(result.lrs, result.losses, suggested=suggested, path=plot_path)
         write_csv(
-            [{"lr": lr, "loss": loss} for lr, loss in zip(result.lrs, result.losses, strict=True)],
+            [
+                {"lr": lr, "log10_lr": math.log10(lr), "loss": loss}
+                for lr, loss in zip(result.lrs, result.losses, strict=True)
+            ],
             plot_path.with_suffix(".csv"),
-            columns=("lr", "loss"),
+            columns=("lr", "log10_lr", "loss"),
         )
     if suggested is not None:
         log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
@@ -377,7 +381,8 @@ def _fit_images(
         train_loader, valid_loader = _augmented_loaders(
             params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
         )
-        plot_path = outputs.plots_dir / f"lr_find_{size}.png" if context.is_main else None
+        name = "lr_find.png" if len(sizes) == 1 else f"lr_find_{size}.png"
+        plot_path = outputs.plots_dir / name if context.is_main else None
         optimizer, group_lrs, lr_source = _differential_optimizer(
             fit_params,
             model,
