@@ -61,7 +61,14 @@ def test_second_repro_runs_nothing(project: Path) -> None:
 
 def test_train_head_param_reruns_from_train_head_on(project: Path) -> None:
     output = run(["dvc", "exp", "run", "-S", "train_head.l2=0.5"], project)
-    assert stages_run(output) == ["train_head", "train_augmented", "finetune", "predict_tta", "submission"]
+    assert stages_run(output) == [
+        "train_head",
+        "train_augmented",
+        "finetune",
+        "export",
+        "predict_tta",
+        "submission",
+    ]
     shown = run(["dvc", "exp", "show", "--csv"], project)
     assert "valid_log_loss" in shown.splitlines()[0]
 
