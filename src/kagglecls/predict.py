@@ -243,6 +243,7 @@ def predict_files(
             seed=info.tta.seed + TTA_SEED_OFFSET,
             num_workers=0,
         )
+        # On the CPU; predict_probabilities' BatchNorm fusion finds nothing left to fuse in the exported graph.
         settings = StepSettings(device=torch.device("cpu"))
         return tta_probabilities(network, loader, beta=info.tta.beta, settings=settings)
 
