@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = [
     "download", "reorganise", "size_histogram", "precompute", "train_head",
-    "train_augmented", "finetune", "predict_tta", "submission",
+    "train_augmented", "finetune", "export", "predict_tta", "submission",
 ]  # fmt: skip
 PROJECT_FILES = ("dvc.yaml", "stages", "src", ".dvcignore", ".gitignore")
 

@@ -13,7 +13,7 @@ from kagglecls.params import Params, load_params
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "src" / "kagglecls"
 STAGES = ["download", "reorganise", "size_histogram", "precompute", "train_head",
-          "train_augmented", "finetune", "predict_tta", "submission"]  # fmt: skip
+          "train_augmented", "finetune", "export", "predict_tta", "submission"]  # fmt: skip
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -100,7 +100,7 @@ def test_the_kill_landed_inside_epoch_2(runs: dict) -> None:
 
 def test_the_rerun_resumes_from_the_epoch_1_checkpoint(runs: dict) -> None:
     output = runs["rerun_output"]
-    assert stages_run(output) == ["finetune", "predict_tta", "submission"]
+    assert stages_run(output) == ["finetune", "export", "predict_tta", "submission"]
     assert f"resuming from {CHECKPOINT} after epoch 1" in output
 
 

@@ -38,6 +38,21 @@ def test_submission_matches_the_sample(project: Path) -> None:
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
+def test_kagglecls_predict_with_tta_on_the_test_folder_reproduces_the_predictions(
+    project: Path, tmp_path: Path
+) -> None:
+    """The exported model with its TTA settings, on the test images in the manifest's order (the folder's, by
+    name): predict_tta's probabilities, to float precision."""
+    out = tmp_path / "predictions.csv"
+    command = ["python", "-m", "kagglecls", "predict", "models/export.pt2", "data/reorganised/test"]
+    run([*command, "--tta", "--csv", str(out)], project)
+    expected = np.load(project / "data/predictions/test.npz")
+    written = pd.read_csv(out, dtype={"file": str})
+    assert [Path(file).stem for file in written["file"]] == expected["ids"].tolist()
+    assert list(written.columns) == ["file", "one", "two", "zero"]
+    np.testing.assert_allclose(written.drop(columns="file").to_numpy(), expected["probabilities"], atol=1e-5)
+
+
 def test_every_training_stage_records_log_loss_and_accuracy(project: Path) -> None:
     for stage in ("train_head", "train_augmented", "finetune", "predict_tta"):
         metrics = yaml.safe_load((project / f"metrics/{stage}.json").read_text())
@@ -62,7 +77,14 @@ def test_second_repro_runs_nothing(project: Path) -> None:
 
 def test_train_head_param_reruns_from_train_head_on(project: Path) -> None:
     output = run(["dvc", "exp", "run", "-S", "train_head.l2=0.5"], project)
-    assert stages_run(output) == ["train_head", "train_augmented", "finetune", "predict_tta", "submission"]
+    assert stages_run(output) == [
+        "train_head",
+        "train_augmented",
+        "finetune",
+        "export",
+        "predict_tta",
+        "submission",
+    ]
     header = run(["dvc", "exp", "show", "--csv"], project).splitlines()[0]
     assert "valid_log_loss" in header
     assert "width_median" not in header  # the image-size summary describes the data: not a metric

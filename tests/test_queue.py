@@ -2,8 +2,8 @@
 `dvc queue start -j 2`, as the README shows.
 
 The project is reproduced and committed once, so each queued experiment reruns only the stages its param
-changes (predict_tta and submission), in its own temporary workspace, and takes the others from DVC's run
-cache, as a user's would.
+changes (export, which holds the TTA settings, predict_tta and submission), in its own temporary workspace,
+and takes the others from DVC's run cache, as a user's would.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_both_experiments_run_side_by_side_to_success(queued: tuple[Path, list[d
     assert {name: "Running" for name in names} in statuses  # at one poll, both were running
     for name in names:
         logs = run(["dvc", "queue", "logs", name], root)
-        assert stages_run(logs) == ["predict_tta", "submission"]  # the rest came from the run cache
+        assert stages_run(logs) == ["export", "predict_tta", "submission"]  # the rest: from the run cache
 
 
 def test_exp_show_lists_both_experiments_with_their_params(queued: tuple[Path, list[dict[str, str]]]) -> None:

@@ -1,19 +1,28 @@
 """Stage predict_tta: test-time augmentation, and interpretation (confusion matrix, most confused pairs, top
-losses)."""
+losses). Also the `kagglecls predict` command (`python -m kagglecls.predict MODEL IMAGES...`): the exported
+model's classes for image files, with or without the same TTA."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from torch import nn
 
 from kagglecls import images, plots
 from kagglecls.atomic import write_csv, write_file, write_json
-from kagglecls.data import TtaViews
-from kagglecls.device import pick_device, seed_everything
+from kagglecls.data import EvalPreset, ImageDataset, Normalisation, TrainPreset, TtaViews, make_loader
+from kagglecls.device import StepSettings, pick_device, seed_everything
+from kagglecls.errors import UserError
+from kagglecls.export import ExportInfo, load_export
 from kagglecls.loading import (
     image_loader,
     load_classifier,
@@ -26,6 +35,9 @@ from kagglecls.params import Params
 from kagglecls.training import accuracy, log_loss, predict_probabilities
 
 log = logging.getLogger(__name__)
+
+TTA_SEED_OFFSET = 1000  # TTA's augmented views are seeded from base.seed + this and each image's position
+VIEWS_PER_BATCH = 128  # about precompute.batch_size's default: views in one forward pass of the command
 
 
 def predict_tta(
@@ -91,11 +103,18 @@ def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tup
         size=size,
         # About precompute.batch_size images a forward pass, whatever the number of views.
         batch_size=max(1, params.precompute.batch_size // (1 + params.predict_tta.n_aug)),
-        seed_offset=1000,
+        seed_offset=TTA_SEED_OFFSET,
     )
+    return tta_probabilities(model, loader, beta=params.predict_tta.beta, settings=settings)
+
+
+def tta_probabilities(
+    model: nn.Module, loader, *, beta: float, settings: StepSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """(TTA, plain) probabilities from a loader of TtaViews: the plain view first, then the augmented ones."""
     probabilities, _ = predict_probabilities(model, loader, settings=settings, description="tta", views=True)
     plain, augmented = probabilities[:, 0], list(probabilities[:, 1:].transpose(1, 0, 2))
-    return combine_tta(plain, augmented, beta=params.predict_tta.beta), plain
+    return combine_tta(plain, augmented, beta=beta), plain
 
 
 def _interpret(params, probabilities, split, classes, reorganised, cache_dir, plots_dir: Path) -> None:
@@ -185,3 +204,130 @@ def top_losses(
         )
         for index in order
     ]
+
+
+# The `kagglecls predict` command: the exported model on image files.
+
+
+def predict_files(
+    network: nn.Module, info: ExportInfo, files: Sequence[Path], *, tta: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, plain-pass probabilities), (images, classes) each, of the exported network for `files`,
+    each prepared as predict_tta prepares an image: the resize cache's JPEG, the plain view and, with `tta`,
+    n_aug augmented views seeded from the seed and the file's position, combined by combine_tta."""
+    normalisation = Normalisation(mean=info.mean, std=info.std)
+    n_aug = info.tta.n_aug if tta else 0
+    views = TtaViews(
+        plain=EvalPreset(size=info.image_size, normalisation=normalisation),
+        augmented=TrainPreset(
+            size=info.image_size,
+            augmentation=info.tta.augmentation,
+            max_zoom=info.tta.max_zoom,
+            normalisation=normalisation,
+        ),
+        n_aug=n_aug,
+    )
+    with tempfile.TemporaryDirectory(prefix="kagglecls-predict-") as cache:
+        resized = [Path(cache) / f"{index}.jpg" for index in range(len(files))]
+        errors = images.write_resized_cache(
+            files, resized, short_side=info.cache_short_side, workers=images.image_workers()
+        )
+        unreadable = [error for error in errors if error is not None]
+        if unreadable:
+            more = f" (and {len(unreadable) - 1} more unreadable)" if len(unreadable) > 1 else ""
+            raise images.BadImageError(unreadable[0] + more)
+        loader = make_loader(
+            ImageDataset(resized, [-1] * len(resized), views),  # -1: unlabelled, as test rows
+            batch_size=max(1, VIEWS_PER_BATCH // (1 + n_aug)),
+            shuffle=False,
+            seed=info.tta.seed + TTA_SEED_OFFSET,
+            num_workers=0,
+        )
+        # On the CPU; predict_probabilities' BatchNorm fusion finds nothing left to fuse in the exported graph.
+        settings = StepSettings(device=torch.device("cpu"))
+        return tta_probabilities(network, loader, beta=info.tta.beta, settings=settings)
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """The files named, in order, and for each folder named the image files under it (any depth, by path,
+    hidden ones skipped); a folder without any is an error."""
+    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(
+                file
+                for file in path.rglob("*")
+                if file.is_file()
+                and file.suffix.lower() in readable
+                and not any(part.startswith(".") for part in file.relative_to(path).parts)
+            )
+            if not inside:
+                raise UserError(f"{path}: no image files in this folder (expected .jpg, .png, ... files)")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return found
+
+
+def top_k_lines(
+    files: Sequence[Path], probabilities: np.ndarray, classes: Sequence[str], *, k: int
+) -> list[str]:
+    """One line per image: `file: class p, class p, ...`, the k most probable classes first."""
+    lines = []
+    for file, row in zip(files, probabilities, strict=True):
+        best = np.argsort(-row, kind="stable")[:k]
+        lines.append(f"{file}: " + ", ".join(f"{classes[index]} {row[index]:.4f}" for index in best))
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="the exported model: models/export.pt2 after dvc repro")
+    parser.add_argument(
+        "images", type=Path, nargs="+", help="image files and/or folders (searched at any depth)"
+    )
+    parser.add_argument("--top-k", type=int, default=5, help="classes printed per image (default 5)")
+    parser.add_argument(
+        "--csv", type=Path, help="write a CSV instead: one row per image, file then each class's probability"
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="test-time augmentation with the settings inside the model file"
+    )
+
+
+def run(arguments: argparse.Namespace) -> int:
+    """The command's body: 0, or 2 after one line on stderr for an error a user can cause."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if arguments.top_k < 1:
+        print(f"kagglecls predict: error: --top-k {arguments.top_k}, expected 1 or more", file=sys.stderr)
+        return 2
+    try:
+        network, info = load_export(arguments.model)
+        files = image_files(arguments.images)
+        probabilities, _ = predict_files(network, info, files, tta=arguments.tta)
+    except UserError as error:
+        print(f"kagglecls predict: error: {error}", file=sys.stderr)
+        return 2
+    if arguments.csv is not None:
+        rows = [
+            {"file": str(file), **dict(zip(info.classes, row.tolist(), strict=True))}
+            for file, row in zip(files, probabilities, strict=True)
+        ]
+        write_csv(rows, arguments.csv, columns=("file", *info.classes))
+    else:
+        print("\n".join(top_k_lines(files, probabilities, info.classes, k=arguments.top_k)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kagglecls.predict", description="The exported model's classes for image files."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

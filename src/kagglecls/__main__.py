@@ -1,0 +1,27 @@
+"""`kagglecls COMMAND ...`, the console script (also `python -m kagglecls COMMAND ...`). Commands: predict."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kagglecls import predict
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kagglecls", description="Use a model the pipeline trained.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict.add_arguments(
+        commands.add_parser(
+            "predict",
+            help="the exported model's classes for image files",
+            description="The exported model's top classes for image files and folders, printed or as CSV.",
+        )
+    )
+    arguments = parser.parse_args(argv)
+    return predict.run(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
