@@ -67,8 +67,7 @@ def _sweep(model, optimizer, loader, start_lr, end_lr, num_steps, settings, smoo
             with settings.autocast():
                 loss = loss_function(model(settings.move(inputs)), targets.to(settings.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            settings.backward_and_step(loss, optimizer)
             value = _mean_over_ranks(loss) if synchronised else loss.item()
             average = smoothing * average + (1 - smoothing) * value
             smoothed = average / (1 - smoothing ** (step + 1))

@@ -61,8 +61,7 @@ def train_one_epoch(
         with settings.autocast():
             loss = loss_function(model(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        settings.backward_and_step(loss, optimizer)
         total_loss += loss.item() * len(targets)
         total_items += len(targets)
         step += 1
