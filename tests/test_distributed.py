@@ -251,8 +251,8 @@ def test_finetune_under_torchrun_writes_each_output_once(distributed_finetune: t
     assert sorted(path.name for path in (root / "plots" / "finetune").iterdir()) == [
         "history.csv",
         "history.png",
-        "lr_find_32.csv",
-        "lr_find_32.png",
+        "lr_find.csv",
+        "lr_find.png",
     ]
     metrics = json.loads((root / "metrics" / "finetune.json").read_text())
     assert metrics["epochs"] == 3  # n_cycle 2, cycle_len 1, cycle_mult 2: 1 + 2
