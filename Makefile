@@ -39,4 +39,4 @@ submit: install
 	kagglecls-submit --message "$(MESSAGE)"
 
 clean:
-	rm -rf data models metrics plots
+	rm -rf data models dvclive plots

@@ -12,7 +12,7 @@ Epochs: the pipeline's params decide them. With F = train_augmented's epochs and
 size: finetune.sizes is set to [base.image_size]), fastai runs `fine_tune(E, freeze_epochs=F)`. The
 pipeline's extra head epochs on precomputed activations (train_head) are its own advantage: fastai 2 has no
 precompute. The pipeline runs in a temporary copy of the repository (git ls-files), so data/, models/,
-metrics/ and plots/ of the working tree are never touched.
+dvclive/ and plots/ of the working tree are never touched.
 
 Competitions: `sample` (the embedded digits, labels.csv layout, as `make run` builds it) and `class_folders`
 (another digits sample, other seed, rearranged into train/<class>/ and fed by path; its layout is checked
@@ -94,7 +94,7 @@ def run_pipeline(
         log_path=work / "pipeline.log",
     )
     common.require_success(measured, what="dvc repro")
-    metrics = json.loads((repo / "metrics" / "predict_tta.json").read_text())
+    metrics = common.stage_metrics(repo, "predict_tta")
     return measured, {**metrics, "download_seconds": download.wall_seconds}, params
 
 
@@ -360,12 +360,10 @@ def compare(name: str, work: Path, *, workers: int | None, extra: dict[str, obje
 
 def stage_log_losses(repo: Path) -> dict[str, float]:
     """Validation log loss after each training stage of the pipeline run (its metrics files)."""
-    losses = {}
-    for stage in ("train_head", "train_augmented", "finetune", "predict_tta"):
-        path = repo / "metrics" / f"{stage}.json"
-        if path.is_file():
-            losses[stage] = json.loads(path.read_text())["valid_log_loss"]
-    return losses
+    stages = ("train_head", "train_augmented", "finetune", "predict_tta")
+    return {
+        stage: figures["valid_log_loss"] for stage in stages if (figures := common.stage_metrics(repo, stage))
+    }
 
 
 def seconds_to_reach(result: dict, target_log_loss: float) -> tuple[str, float] | None:

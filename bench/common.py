@@ -104,6 +104,20 @@ class Measured:
     log_path: str
 
 
+def stage_metrics(repo: Path, stage: str) -> dict[str, float] | None:
+    """A pipeline stage's valid figures in a repository copy, as {valid_log_loss, valid_accuracy}: read from
+    dvclive/<stage>/metrics.json, or from metrics/<stage>.json in commits before dvclive; None if absent."""
+    live = repo / "dvclive" / stage / "metrics.json"
+    if live.is_file():
+        figures = json.loads(live.read_text())[stage]
+        return {"valid_log_loss": figures["log_loss"], "valid_accuracy": figures["accuracy"]}
+    old = repo / "metrics" / f"{stage}.json"
+    if old.is_file():
+        figures = json.loads(old.read_text())
+        return {key: figures[key] for key in ("valid_log_loss", "valid_accuracy")}
+    return None
+
+
 def run_measured(
     command: Sequence[str | Path],
     *,

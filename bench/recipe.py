@@ -6,7 +6,7 @@ repository (this one, or `--repo`: an older commit's `git worktree`), at the def
 reached each figure:
 
 - per training stage (train_head, train_augmented, finetune, predict_tta): valid log loss and accuracy (the
-  copy's metrics/<stage>.json) and seconds (from dvc repro's log);
+  copy's dvclive/<stage>/metrics.json) and seconds (from dvc repro's log);
 - the submission (data/submission.csv) scored against the kept-aside test labels as Kaggle scores it, read
   in the format of the competition's sample_submission.csv: multi-class log loss (rows divided by their sum,
   clipped to [1e-15, 1 - 1e-15]), binary log loss of the positive class, or accuracy only for a label column;
@@ -233,7 +233,8 @@ def prepare_copy(folder: Path, *, settings: Settings, overrides: Mapping[str, ob
         shutil.copyfile(settings.params_file, copy / "params.yaml")
     common.override_params(copy / "params.yaml", overrides)
     for stage in STAGES:
-        (copy / "metrics" / f"{stage}.json").unlink(missing_ok=True)
+        (copy / "dvclive" / stage / "metrics.json").unlink(missing_ok=True)
+        (copy / "metrics" / f"{stage}.json").unlink(missing_ok=True)  # commits before dvclive
     return copy
 
 
@@ -270,13 +271,7 @@ def run_one(entry: suite.SuiteCompetition, seed: int, *, settings: Settings, bas
 
 
 def stage_figures(copy: Path) -> dict[str, dict[str, float]]:
-    figures = {}
-    for stage in STAGES:
-        path = copy / "metrics" / f"{stage}.json"
-        if path.is_file():
-            metrics = json.loads(path.read_text())
-            figures[stage] = {key: metrics[key] for key in ("valid_log_loss", "valid_accuracy")}
-    return figures
+    return {stage: figures for stage in STAGES if (figures := common.stage_metrics(copy, stage))}
 
 
 def failure_of(log_path: Path) -> tuple[str | None, str | None]:
@@ -527,7 +522,7 @@ def render_markdown(
         ),
         "",
         "Figures are the mean (min–max) over the seeds that reached them; `runs` counts those seeds. Valid figures "
-        "are the pipeline's (metrics/<stage>.json); test figures score data/submission.csv against the kept-aside "
+        "are the pipeline's (dvclive/<stage>/metrics.json); test figures score data/submission.csv against the kept-aside "
         "labels as Kaggle would (binary: log loss of the positive class). The baseline is StandardScaler + "
         "LogisticRegressionCV (L2, C in 1e-4..1000 by 3-fold log loss on the training split) on the pipeline's "
         "precomputed activations; its `seconds` is the fit. Stage seconds come from dvc repro's log.",

@@ -3,7 +3,7 @@
 Saves a checkpoint each epoch; a rerun after an interruption resumes from it.
 Run by DVC: `python stages/finetune.py --reorganised data/reorganised --cache data/cache
 --input models/augmented.pt --model models/finetune.pt --checkpoint models/checkpoints/finetune.pt
---metrics metrics/finetune.json --plots plots/finetune`. Runs under `torchrun --nproc_per_node N` too.
+--live dvclive/finetune`. Runs under `torchrun --nproc_per_node N` too.
 """
 
 from pathlib import Path
@@ -19,14 +19,12 @@ def main() -> None:
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
 
     def body(arguments, params) -> None:
         outputs = fitting.StageOutputs(
             model=arguments.model,
-            metrics=arguments.metrics,
-            plots_dir=arguments.plots,
+            live=arguments.live,
             checkpoint=arguments.checkpoint,
         )
         fitting.finetune(

@@ -1,7 +1,7 @@
 """Stage predict_tta: TTA on valid (metrics, confusion matrix, top losses) and on test (probabilities).
 
 Run by DVC: `python stages/predict_tta.py --reorganised data/reorganised --cache data/cache
---model models/finetune.pt --metrics metrics/predict_tta.json --plots plots/predict_tta
+--model models/finetune.pt --live dvclive/predict_tta
 --predictions data/predictions/test.npz`.
 """
 
@@ -16,8 +16,7 @@ def main() -> None:
     parser.add_argument("--reorganised", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
     parser.add_argument("--predictions", type=Path, required=True)
 
     def body(arguments, params) -> None:
@@ -26,8 +25,7 @@ def main() -> None:
             reorganised=arguments.reorganised,
             cache_dir=arguments.cache,
             model_path=arguments.model,
-            metrics=arguments.metrics,
-            plots_dir=arguments.plots,
+            live_dir=arguments.live,
             predictions=arguments.predictions,
         )
 

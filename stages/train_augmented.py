@@ -1,8 +1,7 @@
 """Stage train_augmented: the head trained on augmented images through the frozen body, SGDR with cycle_len.
 
 Run by DVC: `python stages/train_augmented.py --reorganised data/reorganised --cache data/cache
---features data/features --head models/head.pt --model models/augmented.pt --metrics metrics/train_augmented.json
---plots plots/train_augmented`. Runs under `torchrun --nproc_per_node N` too.
+--features data/features --head models/head.pt --model models/augmented.pt --live dvclive/train_augmented`. Runs under `torchrun --nproc_per_node N` too.
 """
 
 from pathlib import Path
@@ -18,13 +17,10 @@ def main() -> None:
     parser.add_argument("--features", type=Path, required=True)
     parser.add_argument("--head", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
 
     def body(arguments, params) -> None:
-        outputs = fitting.StageOutputs(
-            model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
-        )
+        outputs = fitting.StageOutputs(model=arguments.model, live=arguments.live)
         fitting.train_augmented(
             params=params,
             reorganised=arguments.reorganised,

@@ -1,7 +1,7 @@
 """Stage train_head: lr_find, then the new head trained on the precomputed activations.
 
 Run by DVC: `python stages/train_head.py --reorganised data/reorganised --features data/features
---model models/head.pt --metrics metrics/train_head.json --plots plots/train_head`.
+--model models/head.pt --live dvclive/train_head`.
 """
 
 from pathlib import Path
@@ -15,13 +15,10 @@ def main() -> None:
     parser.add_argument("--reorganised", type=Path, required=True)
     parser.add_argument("--features", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
 
     def body(arguments, params) -> None:
-        outputs = fitting.StageOutputs(
-            model=arguments.model, metrics=arguments.metrics, plots_dir=arguments.plots
-        )
+        outputs = fitting.StageOutputs(model=arguments.model, live=arguments.live)
         fitting.train_head(
             params=params, reorganised=arguments.reorganised, features_dir=arguments.features, outputs=outputs
         )

@@ -235,10 +235,10 @@ def distributed_finetune(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 @pytest.mark.slow
 def test_finetune_under_torchrun_writes_each_output_once(distributed_finetune: tuple[Path, str]) -> None:
     root, _ = distributed_finetune
-    assert sorted(path.name for path in (root / "metrics").iterdir()) == [
-        "finetune.json",
-        "train_augmented.json",
-        "train_head.json",
+    assert sorted(path.name for path in (root / "dvclive").iterdir()) == [
+        "finetune",
+        "train_augmented",
+        "train_head",
     ]
     assert sorted(path.name for path in (root / "models").iterdir()) == [
         "augmented.pt",
@@ -248,16 +248,13 @@ def test_finetune_under_torchrun_writes_each_output_once(distributed_finetune: t
     ]
     # Written once an epoch by rank 0 while it ran, removed once finetune finished.
     assert sorted(path.name for path in (root / "models" / "checkpoints").iterdir()) == []
-    assert sorted(path.name for path in (root / "plots" / "finetune").iterdir()) == [
-        "history.csv",
-        "history.png",
-        "lr_find.csv",
-        "lr_find.png",
-    ]
-    metrics = json.loads((root / "metrics" / "finetune.json").read_text())
-    assert metrics["epochs"] == 3  # n_cycle 2, cycle_len 1, cycle_mult 2: 1 + 2
-    assert metrics["image_size"] == 32
-    assert 0 <= metrics["valid_accuracy"] <= 1 and metrics["valid_log_loss"] > 0
+    # rank 0 alone logged: one row per epoch (n_cycle 2, cycle_len 1, cycle_mult 2: 1 + 2), one lr_find curve
+    live = root / "dvclive" / "finetune"
+    losses = (live / "plots" / "metrics" / "valid_log_loss.tsv").read_text().splitlines()
+    assert losses == ["step\tvalid_log_loss", *[f"{step}\t{losses[step].split()[1]}" for step in (1, 2, 3)]]
+    assert sorted(path.name for path in (live / "plots" / "custom").iterdir()) == ["lr_find.json"]
+    summary = json.loads((live / "metrics.json").read_text())["finetune"]
+    assert 0 <= summary["accuracy"] <= 1 and summary["log_loss"] > 0
 
 
 @pytest.mark.slow
@@ -275,8 +272,8 @@ def test_finetune_model_from_torchrun_loads_and_ranks_agree_on_the_lr(
     # Both ranks ran lr_find; each must train with the same lr or their replicas drift apart.
     suggested = re.findall(r"lr_find \(valley\): suggested lr (\S+)", output)
     assert len(suggested) == 2 and suggested[0] == suggested[1]
-    metrics = json.loads((root / "metrics" / "finetune.json").read_text())
-    assert metrics["lr"][-1] == pytest.approx(float(suggested[0]), rel=1e-2)
+    summary = json.loads((root / "dvclive" / "finetune" / "metrics.json").read_text())["finetune"]
+    assert summary["lr"] == pytest.approx(float(suggested[0]), rel=1e-2)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def test_stages_list_keys_not_other_stages_sections() -> None:
 
 
 def test_only_the_stages_that_draw_import_plots_and_precompute_trains_nothing() -> None:
+    # The training stages log numbers through dvclive and DVC draws them: a figure's look reruns no training.
     drawing = {name for name in STAGES if "plots" in _closure(REPO / "stages" / f"{name}.py")}
-    assert drawing == {"size_histogram", "train_head", "train_augmented", "finetune", "predict_tta"}
+    assert drawing == {"size_histogram", "predict_tta"}
     assert not {"training", "lr_find", "checkpoints", "plots"} & _closure(REPO / "stages" / "precompute.py")

@@ -7,7 +7,6 @@ checkpoint is saved and epoch 2 has begun, and a second `dvc repro` resumes from
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -111,9 +110,12 @@ def test_the_rerun_ends_with_the_clean_runs_model_metrics_and_submission(runs: d
     ]
     for name, value in weights[0].items():
         assert torch.equal(weights[1][name], value), name
-    metrics = [json.loads((root / "metrics/finetune.json").read_text()) for root in (clean, killed)]
-    assert metrics[1] == metrics[0]
-    assert metrics[0]["epochs"] == 3
+    live = [root / "dvclive/finetune" for root in (clean, killed)]
+    assert (live[1] / "metrics.json").read_text() == (live[0] / "metrics.json").read_text()
+    # the resumed run logged the epochs before the interruption again: every step file is whole
+    steps = [(folder / "plots/metrics/valid_log_loss.tsv").read_text() for folder in live]
+    assert steps[1] == steps[0]
+    assert len(steps[0].splitlines()) == 1 + 3
     submissions = [pd.read_csv(root / "data/submission.csv", dtype={"id": str}) for root in (clean, killed)]
     assert submissions[1]["id"].tolist() == submissions[0]["id"].tolist()
     np.testing.assert_allclose(

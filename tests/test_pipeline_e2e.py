@@ -7,13 +7,15 @@ train_head param with `dvc exp run -S` reruns train_head and what follows it, no
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from project_fixture import ALL_STAGES, TINY_PARAMS, make_project, run, stages_run
+from project_fixture import ALL_STAGES, TINY_PARAMS, environment_for, make_project, run, stages_run
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +55,45 @@ def test_kagglecls_predict_with_tta_on_the_test_folder_reproduces_the_prediction
     np.testing.assert_allclose(written.drop(columns="file").to_numpy(), expected["probabilities"], atol=1e-5)
 
 
-def test_every_training_stage_records_log_loss_and_accuracy(project: Path) -> None:
+def _summary(project: Path, stage: str) -> dict:
+    return json.loads((project / f"dvclive/{stage}/metrics.json").read_text())[stage]
+
+
+def _steps(project: Path, stage: str, figure: str) -> pd.DataFrame:
+    return pd.read_csv(project / f"dvclive/{stage}/plots/metrics/{figure}.tsv", sep="\t")
+
+
+def test_every_stage_summarises_its_valid_figures_under_its_name(project: Path) -> None:
     for stage in ("train_head", "train_augmented", "finetune", "predict_tta"):
-        metrics = yaml.safe_load((project / f"metrics/{stage}.json").read_text())
-        assert 0 <= metrics["valid_accuracy"] <= 1
-        assert metrics["valid_log_loss"] > 0
-    assert yaml.safe_load((project / "metrics/train_head.json").read_text())["l2"] > 0
-    finetune = yaml.safe_load((project / "metrics/finetune.json").read_text())
-    assert 0 <= finetune["best_epoch"] <= finetune["epochs"]
-    assert finetune["lr_source"] == "fixed"
-    for picture in (
-        "plots/size_histogram.png",
-        "plots/finetune/history.png",
-        "plots/predict_tta/top_losses.png",
-    ):
+        summary = _summary(project, stage)
+        assert 0 <= summary["accuracy"] <= 1
+        assert summary["log_loss"] > 0
+    assert _summary(project, "train_head")["l2"] > 0
+    assert _summary(project, "finetune")["lr"] == 0.0005
+    assert _summary(project, "predict_tta")["log_loss_no_tta"] > 0
+    for picture in ("plots/size_histogram.png", "dvclive/predict_tta/plots/images/top_losses.png"):
         assert (project / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_epoch_is_logged_as_a_dvclive_step_and_the_kept_one_is_summarised(project: Path) -> None:
+    """finetune (one size, 32 px, SGDR n_cycle 1 x cycle_len 1 x ... from TINY_PARAMS): a row per epoch in each
+    figure's step file, no timestamps (a second repro would otherwise see changed outputs)."""
+    losses = _steps(project, "finetune", "valid_log_loss")
+    assert list(losses.columns) == ["step", "valid_log_loss"]
+    assert losses["step"].tolist() == list(range(1, len(losses) + 1))
+    assert _steps(project, "finetune", "image_size")["image_size"].tolist() == [32] * len(losses)
+    assert (
+        len(_steps(project, "finetune", "lr"))
+        == len(_steps(project, "finetune", "train_loss"))
+        == len(losses)
+    )
+    summary = _summary(project, "finetune")
+    kept = summary["kept_epoch"]
+    assert 0 <= kept <= len(losses)
+    if kept:
+        assert summary["log_loss"] == pytest.approx(losses["valid_log_loss"][kept - 1])
+    train_head = _steps(project, "train_head", "valid_log_loss")  # method epochs: cycle_len 2
+    assert train_head["step"].tolist() == [1, 2]
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
@@ -86,18 +112,31 @@ def test_train_head_param_reruns_from_train_head_on(project: Path) -> None:
         "submission",
     ]
     header = run(["dvc", "exp", "show", "--csv"], project).splitlines()[0]
-    assert "valid_log_loss" in header
+    assert "finetune.log_loss" in header and "predict_tta.accuracy" in header
     assert "width_median" not in header  # the image-size summary describes the data: not a metric
+
+
+def test_the_readmes_exp_show_view_fits_120_columns(project: Path) -> None:
+    """After the experiment above: each stage's valid log loss, named, in a 120-column terminal."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    view = re.search(r"^dvc exp show --drop .*$", readme, re.MULTILINE).group(0).split("#")[0]
+    environment = {**environment_for(project), "COLUMNS": "120"}
+    shown = subprocess.run(
+        [*shlex.split(view), "--no-pager"], cwd=project, env=environment, capture_output=True, text=True
+    ).stdout
+    lines = shown.splitlines()
+    assert lines and max(len(line) for line in lines) <= 120, shown
+    for stage in ("train_head", "train_augmented", "finetune", "predict_tta"):
+        assert f"{stage}.log_loss" in shown, shown
+    assert "…" not in shown, shown
 
 
 def test_train_augmented_with_lr_auto_gives_the_same_weights_twice(project: Path) -> None:
     """Same machine, params and seed, same result: the sweep's fresh head included."""
     run(["dvc", "exp", "run", "-S", "train_augmented.lr=auto"], project)
     first = (project / "models/augmented.pt").read_bytes()
-    assert yaml.safe_load((project / "metrics/train_augmented.json").read_text())["lr_source"] in (
-        "lr_find",
-        "fallback",
-    )
+    curve = json.loads((project / "dvclive/train_augmented/plots/custom/lr_find.json").read_text())["lr_find"]
+    assert len(curve) >= 2 and all(row["log10_lr"] < 1 for row in curve)
     output = run(["dvc", "repro", "-f", "-s", "train_augmented"], project)
     assert stages_run(output) == ["train_augmented"]
     assert (project / "models/augmented.pt").read_bytes() == first
@@ -130,12 +169,12 @@ def test_dvc_plots_show_draws_each_figure_once(project: Path) -> None:
         "lr_find (train_augmented)",
         "training loss",
         "valid accuracy",
+        "finetune image size (progressive resizing)",
         "confusion matrix (valid, TTA)",
         "plots/size_histogram.png",
-        "plots/finetune/history.png",
-        "plots/predict_tta/confusion_matrix.png",
-        "plots/predict_tta/top_losses.png",
+        "dvclive/predict_tta/plots/images/top_losses.png",
     }
     assert all(len(renders) == 1 for renders in shown.values())
-    lr_find = pd.read_csv(project / "plots/train_augmented/lr_find.csv")
-    np.testing.assert_allclose(lr_find["log10_lr"], np.log10(lr_find["lr"]))
+    for name, (render,) in shown.items():
+        if render["type"] == "vega":
+            assert render["content"]["data"]["values"], f"{name}: no data"

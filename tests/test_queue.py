@@ -108,8 +108,7 @@ def test_exp_show_shows_both_experiments_metrics(queued: tuple[Path, list[dict[s
     experiments = _experiments(root)
     for data in experiments.values():
         metrics = data["metrics"]
-        assert "error" not in metrics["metrics/predict_tta.json"], metrics["metrics/predict_tta.json"]
-        assert metrics["metrics/predict_tta.json"]["data"]["valid_log_loss"] > 0
-        assert metrics["metrics/finetune.json"]["data"]["valid_log_loss"] > 0
-        n_aug = data["params"]["params.yaml"]["data"]["predict_tta"]["n_aug"]
-        assert metrics["metrics/predict_tta.json"]["data"]["n_aug"] == n_aug
+        tta, finetune = metrics["dvclive/predict_tta/metrics.json"], metrics["dvclive/finetune/metrics.json"]
+        assert "error" not in tta, tta
+        assert tta["data"]["predict_tta"]["log_loss"] > 0
+        assert finetune["data"]["finetune"]["log_loss"] > 0

@@ -40,12 +40,12 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project folder (the working directory) with a sample, a submission, params and metrics."""
     root = tmp_path / "project"
     (root / "data" / "raw").mkdir(parents=True)
-    (root / "metrics").mkdir()
+    (root / "dvclive" / "predict_tta").mkdir(parents=True)
     (root / "data" / "raw" / "sample_submission.csv").write_text(SAMPLE)
     (root / "data" / "submission.csv").write_text(GOOD)
     (root / "params.yaml").write_text(f"data:\n  competition: {COMPETITION}\n")
-    (root / "metrics" / "predict_tta.json").write_text(
-        json.dumps({"valid_log_loss": 0.43214, "accuracy": 0.9})
+    (root / "dvclive" / "predict_tta" / "metrics.json").write_text(
+        json.dumps({"predict_tta": {"log_loss": 0.43214, "accuracy": 0.9}, "step": 0})
     )
     monkeypatch.chdir(root)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
@@ -116,7 +116,7 @@ def test_description_marks_a_dirty_checkout_and_skips_what_is_unknown(project):
     git("commit", "-q", "-m", "params", cwd=project)
     commit = git("rev-parse", "--short", "HEAD", cwd=project).strip()
     (project / "params.yaml").write_text("data:\n  competition: other\n")
-    description = submission_description(message="", metrics_path=project / "metrics" / "missing.json")
+    description = submission_description(message="", metrics_path=project / "dvclive" / "missing.json")
     assert description == f"kagglecls | commit {commit}-dirty"
 
 

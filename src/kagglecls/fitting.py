@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kagglecls import logistic, plots
-from kagglecls.atomic import write_csv, write_json
+from kagglecls import logistic
 from kagglecls.checkpoints import fingerprint_of, save_atomic
 from kagglecls.device import (
     DistributedContext,
@@ -41,6 +40,7 @@ from kagglecls.manifest import file_md5
 from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
 from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params
 from kagglecls.schedule import make_schedule, sgdr_cycle_ends, sgdr_epochs
+from kagglecls.tracking import StageLive
 from kagglecls.training import FitPlan, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,23 @@ class HeadSweep:
 @dataclass(frozen=True)
 class StageOutputs:
     model: Path
-    metrics: Path
-    plots_dir: Path
+    live: Path  # dvclive's folder: the stage's metrics and plots
     checkpoint: Path | None = None
 
 
-def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot_path: Path | None):
+def choose_lr(
+    fit_params: FitParams,
+    *,
+    model,
+    optimizer,
+    loader,
+    settings,
+    live: StageLive | None,
+    curve: str = "lr_find",
+):
     """The lr to train with and where it came from: "fixed", "lr_find", or "fallback" (lr_find.fallback_lr)
-    when the sweep's curve cannot give a suggestion. The sweep leaves the weights as they were."""
+    when the sweep's curve cannot give a suggestion. The sweep leaves the weights as they were; its curve
+    goes to `live` as the plot `curve`."""
     if fit_params.lr != "auto":
         return float(fit_params.lr), "fixed"
     finder = fit_params.lr_find
@@ -102,16 +111,12 @@ def choose_lr(fit_params: FitParams, *, model, optimizer, loader, settings, plot
         settings=settings,
     )
     suggested = suggest_lr(result, finder.suggestion)
-    if plot_path is not None:
-        plots.plot_lr_find(result.lrs, result.losses, suggested=suggested, path=plot_path)
-        write_csv(
-            [
-                {"lr": lr, "log10_lr": math.log10(lr), "loss": loss}
-                for lr, loss in zip(result.lrs, result.losses, strict=True)
-            ],
-            plot_path.with_suffix(".csv"),
-            columns=("lr", "log10_lr", "loss"),
-        )
+    if live is not None:
+        rows = [
+            {"log10_lr": math.log10(lr), "loss": loss}
+            for lr, loss in zip(result.lrs, result.losses, strict=True)
+        ]
+        live.log_curve(curve, rows, x="log10_lr", y="loss", title=f"{curve}: smoothed loss against log10(lr)")
     if suggested is not None:
         log.info("lr_find (%s): suggested lr %.3g", finder.suggestion, suggested)
         return suggested, "lr_find"
@@ -145,30 +150,19 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
     )
 
 
-def write_stage_results(
-    history: list[dict], *, outputs: StageOutputs, extra: dict, kept: dict | None = None
-) -> None:
-    """metrics.json (the valid figures of the weights handed on; `kept`: a kept snapshot's record, its epoch
-    the `best_epoch`) and history.csv (every epoch)."""
-    last = history[-1]
-    chosen = kept or last
-    metrics = {
-        "valid_log_loss": chosen["valid_log_loss"],
-        "valid_accuracy": chosen["valid_accuracy"],
-        "train_loss": last["train_loss"],
-        "epochs": len(history),
-        **({"best_epoch": kept["epoch"]} if kept else {}),
+def summarise_stage(live: StageLive, history: list[dict], *, kept: dict | None = None, **extra) -> None:
+    """The stage's summary: the valid figures of the weights it hands on (`kept`: a kept snapshot's record,
+    its epoch `kept_epoch`; else the last epoch's), the last epoch's train loss, and `extra`."""
+    chosen = kept or history[-1]
+    live.summarise(
+        log_loss=chosen["valid_log_loss"],
+        accuracy=chosen["valid_accuracy"],
+        train_loss=history[-1]["train_loss"],
+        **({"kept_epoch": kept["epoch"]} if kept else {}),
         **extra,
-    }
-    write_json(metrics, outputs.metrics)
-    write_csv(
-        history,
-        outputs.plots_dir / "history.csv",
-        columns=("epoch", "train_loss", "valid_log_loss", "valid_accuracy"),
     )
-    if kept:
-        plots.plot_history(history, best_epoch=kept["epoch"], path=outputs.plots_dir / "history.png")
-    log.info("valid log loss %.4f, accuracy %.4f", metrics["valid_log_loss"], metrics["valid_accuracy"])
+    live.end()
+    log.info("valid log loss %.4f, accuracy %.4f", chosen["valid_log_loss"], chosen["valid_accuracy"])
 
 
 def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs: StageOutputs) -> None:
@@ -176,6 +170,7 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
     regression fitted full-batch (logistic.py), or, with `method: epochs`, lr_find then SGDR epochs."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
+    live = StageLive("train_head", outputs.live)
     splits, classes = load_splits(reorganised)
     model = build_model(params, len(classes), pretrained=False)
     head = model.head.to(device)
@@ -203,12 +198,11 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
                 **evaluate(head, valid_loader, settings=settings),
             }
         ]
+        live.log_epoch(history[0])
     else:
-        history, extra = _train_head_epochs(
-            params, head, features_dir, splits, settings, valid_loader, outputs
-        )
+        history, extra = _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, live)
     save_atomic({"head": head.state_dict(), "classes": classes}, outputs.model)
-    write_stage_results(history, outputs=outputs, extra=extra)
+    summarise_stage(live, history, **extra)
 
 
 @torch.no_grad()
@@ -246,7 +240,7 @@ def fit_linear_head(
     linear.bias.copy_(fitted.bias)
     train_loss = nn.functional.cross_entropy(standardised @ fitted.weight.T + fitted.bias, targets).item()
     log.info("logistic head: l2 %g (cv log loss %s)", fitted.l2, fitted.cv_log_loss)
-    return {"train_loss": train_loss, "l2": fitted.l2, "cv_log_loss": fitted.cv_log_loss}
+    return {"train_loss": train_loss, "l2": fitted.l2}
 
 
 def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):
@@ -260,7 +254,7 @@ def _training_features(params: Params, fit_params: FitParams, features_dir: Path
     )
 
 
-def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, outputs):
+def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, live: StageLive):
     """fastai's way: lr_find on the activations, then SGDR epochs of mini-batches."""
     fit_params = params.train_head
     train_loader = _training_features(params, fit_params, features_dir, splits["train"].labels)
@@ -273,7 +267,7 @@ def _train_head_epochs(params, head, features_dir, splits, settings, valid_loade
         optimizer=optimizer,
         loader=train_loader,
         settings=settings,
-        plot_path=outputs.plots_dir / "lr_find.png",
+        live=live,
     )
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
@@ -286,8 +280,10 @@ def _train_head_epochs(params, head, features_dir, splits, settings, valid_loade
         valid_loader=valid_loader,
         settings=settings,
         description="train_head",
+        on_epoch=live.log_epoch,
     )
-    return result.history, {"lr": lr, "lr_source": source}
+    log.info("train_head: lr %.3g (%s)", lr, source)
+    return result.history, {"lr": lr}
 
 
 def train_augmented(
@@ -376,13 +372,12 @@ def _fit_images(
     model = to_device(model, settings)
     trained = wrap_distributed(model, context, device)
     batch_size = fit_params.batch_size or params.base.batch_size
+    live = StageLive(stage, outputs.live) if context.is_main else None
     histories, lrs, checkpoints = [], [], []
     for round_index, size in enumerate(sizes):
         train_loader, valid_loader = _augmented_loaders(
             params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
         )
-        name = "lr_find.png" if len(sizes) == 1 else f"lr_find_{size}.png"
-        plot_path = outputs.plots_dir / name if context.is_main else None
         optimizer, group_lrs, lr_source = _differential_optimizer(
             fit_params,
             model,
@@ -390,7 +385,8 @@ def _fit_images(
             train_loader,
             settings,
             lr_ratio=lr_ratio,
-            plot_path=plot_path,
+            live=live,
+            curve="lr_find" if len(sizes) == 1 else f"lr_find_{size}",
             sweep=sweep,
             context=context,
         )
@@ -405,6 +401,11 @@ def _fit_images(
             [file_md5(path) for path in inputs],
             file_md5(reorganised / "manifest.csv"),
         )
+        offset = len(histories)
+
+        def report(record: dict, offset: int = offset, size: int = size) -> None:
+            live.log_epoch({**record, "epoch": offset + record["epoch"], "image_size": size})
+
         result = fit(
             trained,
             optimizer,
@@ -416,8 +417,8 @@ def _fit_images(
             fingerprint=fingerprint,
             context=context,
             description=f"{stage} size {size}",
+            on_epoch=report,
         )
-        offset = len(histories)
         histories += [
             {**record, "epoch": offset + record["epoch"], "size": size} for record in result.history
         ]
@@ -428,15 +429,12 @@ def _fit_images(
             inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
     if context.is_main:
         save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
-        write_stage_results(
+        log.info("%s: lrs %s (%s)", stage, ", ".join(f"{lr:.3g}" for lr in lrs[-1]), lr_source)
+        summarise_stage(
+            live,
             histories,
-            outputs=outputs,
-            extra={
-                "lr": lrs[-1] if len(lrs[-1]) > 1 else lrs[-1][0],
-                "lr_source": lr_source,
-                "image_size": sizes[-1],
-            },
             kept=kept if fit_params.keep == "best_cycle_end" else None,
+            lr=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
         )
         # A checkpoint only serves to resume an interrupted run: once the stage is done, none is left to be
         # mistaken for this run's result by a later one.
@@ -452,7 +450,8 @@ def _differential_optimizer(
     settings: StepSettings,
     *,
     lr_ratio: float,
-    plot_path: Path | None,
+    live: StageLive | None,
+    curve: str,
     sweep: HeadSweep | None,
     context: DistributedContext,
 ) -> tuple[torch.optim.Optimizer, list[float], str]:
@@ -481,7 +480,8 @@ def _differential_optimizer(
         optimizer=sweep_optimizer,
         loader=sweep_loader,
         settings=sweep_settings,
-        plot_path=plot_path,
+        live=live,
+        curve=curve,
     )
     if sweep is not None:
         # Every rank swept alone; the mean makes them agree even if a GPU kernel is not bit-deterministic.

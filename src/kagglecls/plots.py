@@ -3,6 +3,7 @@ by the stages that draw, so a figure's look reruns only those."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,37 +31,6 @@ def _save(figure: Figure, path: Path) -> None:
         figure.savefig(temporary, dpi=100, bbox_inches="tight")
 
 
-def plot_lr_find(
-    lrs: Sequence[float], losses: Sequence[float], *, suggested: float | None, path: Path
-) -> None:
-    figure = _figure(figsize=(6, 4))
-    axes = figure.subplots()
-    axes.plot(lrs, losses)
-    if suggested is not None:
-        axes.axvline(suggested, color="red", linestyle="--", label=f"suggested lr {suggested:.2e}")
-        axes.legend()
-    else:
-        axes.set_title("no suggestion: the loss never fell")
-    axes.set_xscale("log")
-    axes.set_xlabel("learning rate (log scale)")
-    axes.set_ylabel("smoothed loss")
-    _save(figure, path)
-
-
-def plot_history(history: Sequence[dict], *, best_epoch: int, path: Path) -> None:
-    """Train and valid loss per epoch, the kept epoch marked (0: the weights the stage started from)."""
-    figure = _figure(figsize=(6, 4))
-    axes = figure.subplots()
-    epochs = [record["epoch"] for record in history]
-    axes.plot(epochs, [record["train_loss"] for record in history], label="train loss")
-    axes.plot(epochs, [record["valid_log_loss"] for record in history], label="valid log loss")
-    axes.axvline(best_epoch, color="red", linestyle="--", label=f"kept: epoch {best_epoch}")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("loss")
-    axes.legend()
-    _save(figure, path)
-
-
 def plot_size_histogram(widths: Sequence[int], heights: Sequence[int], *, path: Path) -> None:
     figure = _figure(figsize=(10, 4))
     left, right = figure.subplots(1, 2)
@@ -71,27 +41,9 @@ def plot_size_histogram(widths: Sequence[int], heights: Sequence[int], *, path: 
     _save(figure, path)
 
 
-def plot_confusion(counts: np.ndarray, classes: Sequence[str], *, path: Path) -> None:
-    size = max(4.0, 0.35 * len(classes) + 2)
-    figure = _figure(figsize=(size, size))
-    axes = figure.subplots()
-    axes.imshow(counts, cmap="Blues")
-    ticks = np.arange(len(classes))
-    axes.set_xticks(ticks, classes, rotation=90, fontsize=7)
-    axes.set_yticks(ticks, classes, fontsize=7)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("actual")
-    if len(classes) <= 20:
-        for actual in range(len(classes)):
-            for predicted in range(len(classes)):
-                axes.text(
-                    predicted, actual, str(counts[actual, predicted]), ha="center", va="center", fontsize=7
-                )
-    _save(figure, path)
-
-
-def plot_image_grid(images: Sequence[Image.Image], titles: Sequence[str], *, path: Path) -> None:
-    """A grid of images with a title each (top losses: actual / predicted / probability / loss)."""
+def image_grid(images: Sequence[Image.Image], titles: Sequence[str]) -> Image.Image:
+    """A grid of images with a title each (top losses: actual / predicted / probability / loss), as a PNG
+    image for dvclive."""
     columns = max(1, min(4, len(images)))
     rows = max(1, -(-len(images) // columns))
     figure = _figure(figsize=(3 * columns, 3.2 * rows))
@@ -101,11 +53,13 @@ def plot_image_grid(images: Sequence[Image.Image], titles: Sequence[str], *, pat
     for axes, image, title in zip(axes_grid.flat, images, titles, strict=False):
         axes.imshow(image)
         axes.set_title(title, fontsize=8)
-    _save(figure, path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return Image.open(buffer)
 
 
 def size_histogram(*, reorganised: Path, png: Path, summary: Path) -> None:
-    """Widths and heights of the training images: a histogram PNG and a JSON summary (DVC metrics)."""
+    """Widths and heights of the training images: a histogram PNG and a JSON summary of them."""
     rows = [row for row in read_manifest(reorganised / "manifest.csv") if row.split in ("train", "valid")]
     widths = np.array([row.width for row in rows])
     heights = np.array([row.height for row in rows])

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from kagglecls import images, plots
-from kagglecls.atomic import write_csv, write_file, write_json
+from kagglecls.atomic import write_csv, write_file
 from kagglecls.data import EvalPreset, ImageDataset, Normalisation, TrainPreset, TtaViews, make_loader
 from kagglecls.device import StepSettings, pick_device, seed_everything
 from kagglecls.errors import UserError
@@ -32,6 +32,7 @@ from kagglecls.loading import (
     to_device,
 )
 from kagglecls.params import Params
+from kagglecls.tracking import StageLive
 from kagglecls.training import accuracy, log_loss, predict_probabilities
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,14 @@ def predict_tta(
     reorganised: Path,
     cache_dir: Path,
     model_path: Path,
-    metrics: Path,
-    plots_dir: Path,
+    live_dir: Path,
     predictions: Path,
 ) -> None:
-    """TTA on valid (metrics, confusion matrix, top losses) and on test (class probabilities)."""
+    """TTA on valid (metrics, confusion matrix, most confused pairs, top losses, in dvclive's folder
+    `live_dir`) and on test (class probabilities)."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
+    live = StageLive("predict_tta", live_dir)
     splits, classes = load_splits(reorganised)
     model, _ = load_classifier(params, head_path=model_path, weights_key="model")
     settings = step_settings(params, device)
@@ -63,14 +65,14 @@ def predict_tta(
     )
     targets = splits["valid"].labels
     report = {
-        "valid_log_loss": log_loss(valid, targets),
-        "valid_accuracy": accuracy(valid, targets),
-        "valid_log_loss_no_tta": log_loss(valid_plain, targets),
-        "valid_accuracy_no_tta": accuracy(valid_plain, targets),
-        "n_aug": params.predict_tta.n_aug,
+        "log_loss": log_loss(valid, targets),
+        "accuracy": accuracy(valid, targets),
+        "log_loss_no_tta": log_loss(valid_plain, targets),
+        "accuracy_no_tta": accuracy(valid_plain, targets),
     }
-    _interpret(params, valid, splits["valid"], classes, reorganised, cache_dir, plots_dir)
-    write_json(report, metrics)
+    _interpret(params, valid, splits["valid"], classes, reorganised, live)
+    live.summarise(**report)
+    live.end()
     test = splits["test"]
     test_probabilities = (
         _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
@@ -82,8 +84,8 @@ def predict_tta(
         np.savez(temporary, ids=ids, probabilities=test_probabilities.astype(np.float64))
     log.info(
         "predict_tta: valid log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
-        report["valid_log_loss"],
-        report["valid_accuracy"],
+        report["log_loss"],
+        report["accuracy"],
         params.predict_tta.n_aug,
     )
 
@@ -117,22 +119,15 @@ def tta_probabilities(
     return combine_tta(plain, augmented, beta=beta), plain
 
 
-def _interpret(params, probabilities, split, classes, reorganised, cache_dir, plots_dir: Path) -> None:
-    targets = split.labels
-    counts = confusion_matrix(targets, probabilities.argmax(axis=1), n_classes=len(classes))
-    plots.plot_confusion(counts, classes, path=plots_dir / "confusion_matrix.png")
-    write_csv(
-        [
-            {"actual": classes[t], "predicted": classes[p]}
-            for t, p in zip(targets, probabilities.argmax(axis=1), strict=True)
-        ],
-        plots_dir / "confusion.csv",
-        columns=("actual", "predicted"),
+def _interpret(params, probabilities, split, classes, reorganised, live: StageLive) -> None:
+    targets, predicted = split.labels, probabilities.argmax(axis=1)
+    live.log_confusion(
+        [classes[t] for t in targets], [classes[p] for p in predicted], title="confusion matrix (valid, TTA)"
     )
-    pairs = most_confused(counts, classes)
+    counts = confusion_matrix(targets, predicted, n_classes=len(classes))
     write_csv(
-        [asdict(pair) for pair in pairs],
-        plots_dir / "most_confused.csv",
+        [asdict(pair) for pair in most_confused(counts, classes)],
+        live.directory / "most_confused.csv",
         columns=("actual", "predicted", "count"),
     )
     worst = top_losses(probabilities, targets, k=params.predict_tta.top_losses)
@@ -142,7 +137,7 @@ def _interpret(params, probabilities, split, classes, reorganised, cache_dir, pl
         f"(p={item.probability_of_predicted:.2f}, loss={item.loss:.2f})"
         for item in worst
     ]
-    plots.plot_image_grid(pictures, titles, path=plots_dir / "top_losses.png")
+    live.log_image("top_losses.png", plots.image_grid(pictures, titles))
 
 
 def combine_tta(plain: np.ndarray, augmented: Sequence[np.ndarray], *, beta: float) -> np.ndarray:

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=Path, default=Path("data/raw/sample_submission.csv"))
     parser.add_argument("--competition", default=None, help="default: data.competition in --params")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/predict_tta.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("dvclive/predict_tta/metrics.json"))
     parser.add_argument("--message", default="", help="what this submission tries")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -70,8 +70,8 @@ def _git_commit() -> str | None:
 
 def _valid_log_loss(metrics_path: Path) -> float | None:
     try:
-        value = json.loads(metrics_path.read_text()).get("valid_log_loss")
-    except (OSError, ValueError, AttributeError):
+        value = json.loads(metrics_path.read_text())["predict_tta"]["log_loss"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return float(value) if isinstance(value, int | float) else None
 

@@ -4,7 +4,7 @@ checkpoints and resumes. Under torchrun each rank trains its shard, metrics are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +132,15 @@ def fit(
     fingerprint: str = "",
     context: DistributedContext = SINGLE_PROCESS,
     description: str = "fit",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train plan.epochs epochs, evaluating, checkpointing and reseeding from (seed, epoch) each, so a resumed
     run ends the same; with plan.snapshot_epochs the best of those epochs' weights (valid log loss) is
-    kept."""
+    kept. `on_epoch` gets each epoch's record on rank 0 as it ends (a resumed run's earlier ones first)."""
     history, start_epoch, best = resume(checkpoint, fingerprint, model, optimizer)
+    report = on_epoch if on_epoch is not None and context.is_main else lambda record: None
+    for record in history:
+        report(record)
     if 0 in plan.snapshot_epochs and start_epoch == 0 and context.is_main:
         start = {"epoch": 0, **evaluate(unwrapped(model), valid_loader, settings=settings)}
         log.info("%s before training: %s", description, _format(start))
@@ -146,6 +150,7 @@ def fit(
             model, optimizer, plan, epoch, train_loader, valid_loader, settings, context, description
         )
         history.append(record)
+        report(record)
         if context.is_main and epoch + 1 in plan.snapshot_epochs:
             if best is None or record["valid_log_loss"] < best.record["valid_log_loss"]:
                 best = Snapshot.of(model, record)
@@ -183,7 +188,8 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
         description=f"{description} epoch {epoch + 1}/{plan.epochs}",
         label_smoothing=plan.label_smoothing,
     )
-    record = {"epoch": epoch + 1, "train_loss": record["train_loss"]}
+    # lr: the top layer group's at the epoch's last step
+    record = {"epoch": epoch + 1, "train_loss": record["train_loss"], "lr": optimizer.param_groups[-1]["lr"]}
     if context.is_main:
         record.update(evaluate(unwrapped(model), valid_loader, settings=settings))
         log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
