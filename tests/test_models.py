@@ -84,23 +84,93 @@ def test_differential_lrs():
     assert differential_lrs(0.5, n_groups=1, ratio=3) == [0.5]
 
 
-@pytest.mark.parametrize(("arch", "channels"), [("resnet34", 512), ("efficientnet_lite0", 1280)])
-def test_three_layer_groups_covering_every_parameter_once(arch, channels):
-    model = build_classifier(arch, n_classes=5, pretrained=False)
+# (arch, its head's input features: 2 x channels of the last map with concat pooling, else the pooled vector's
+# size, an image size it takes, the early group's share of the body's parameters, about)
+FAMILIES = [
+    ("resnet34", 2 * 512, 64, 0.063),  # conv1 to layer2: fastai's split, before layer3
+    ("efficientnet_lite0", 2 * 1280, 64, 0.026),  # its own split, at 40 channels (stride 8)
+    ("efficientnet_b0", 2 * 1280, 64, 0.077),
+    ("convnext_tiny", 2 * 768, 64, 0.055),
+    ("regnet_y_400mf", 2 * 440, 64, 0.029),
+    ("mobilenet_v3_small", 2 * 576, 64, 0.173),
+    ("vit_b_16", 768, 224, 0.174),  # its class token and position embedding in the early group
+    ("swin_t", 768, 64, 0.054),
+    ("timm/resnet18", 512, 64, 0.061),  # timm pools: no concat pool
+    ("timm/vit_tiny_patch16_224", 192, 224, 0.19),
+]
+
+
+@pytest.mark.parametrize(("arch", "features", "size", "early_share"), FAMILIES)
+def test_any_family_gets_three_layer_groups_covering_every_parameter_once(arch, features, size, early_share):
+    torch.manual_seed(0)
+    model = build_classifier(arch, n_classes=5, pretrained=False, head_hidden=[], head_dropout=[0.0])
     assert len(model.layer_groups) == 3
     assert model.layer_groups[-1] == [model.head]
-    assert model.head[0].num_features == 2 * channels
-    grouped = [id(parameter) for group in group_parameters(model) for parameter in group]
+    assert model.head[0].num_features == features
+    groups = group_parameters(model)
+    grouped = [id(parameter) for group in groups for parameter in group]
     assert len(grouped) == len(set(grouped))
     assert set(grouped) == {id(parameter) for parameter in model.parameters()}
-    assert all(group for group in group_parameters(model))
+    counts = [sum(parameter.numel() for parameter in group) for group in groups]
+    assert counts[0] / (counts[0] + counts[1]) == pytest.approx(early_share, abs=0.01)
+    # freezing: only the head trains, and a step moves it alone
+    freeze_to(model, -1)
+    assert [bool(group) for group in group_parameters(model)] == [False, False, True]
     model.eval()
-    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 5)
 
 
-def test_unknown_arch_is_a_model_error():
-    with pytest.raises(ModelError, match="model.arch: 'vgg16' is unknown"):
-        build_classifier("vgg16", n_classes=2, pretrained=False)
+def test_unknown_arch_and_weights_are_model_errors():
+    with pytest.raises(
+        ModelError, match="model.arch: 'resnet35' is unknown; expected efficientnet_lite0, timm"
+    ):
+        build_classifier("resnet35", n_classes=2, pretrained=False)
+    with pytest.raises(ModelError, match="model.weights: resnet34 has no 'IMAGENET1K_V9'; .* IMAGENET1K_V1"):
+        build_classifier("resnet34", n_classes=2, pretrained=False, weights="IMAGENET1K_V9")
+    with pytest.raises(ModelError, match="model.arch: timm has no model 'resnet35'"):
+        build_classifier("timm/resnet35", n_classes=2, pretrained=False)
+
+
+def test_weights_that_cannot_be_had_say_where_to_put_them(monkeypatch, tmp_path):
+    """Offline, with an empty hub cache: one line naming the cache, the URL and the other ways."""
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    with pytest.raises(ModelError) as raised:
+        build_classifier("resnet34", n_classes=2, pretrained=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert str(tmp_path / "checkpoints") in message
+    assert "https://download.pytorch.org/models/resnet34-" in message
+    assert "model.weights_file" in message and "model.pretrained: false" in message
+
+
+def test_weights_file_loads_into_any_torchvision_arch(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    reference = torchvision.models.regnet_y_400mf(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "regnet.pth")
+    model = build_classifier(
+        "regnet_y_400mf", n_classes=2, pretrained=True, weights_file=str(tmp_path / "regnet.pth")
+    )
+    assert torch.equal(model.body[0][0].weight, reference.stem[0].weight)
+    with pytest.raises(ModelError, match="model.weights_file: .*missing.pth does not exist"):
+        build_classifier("resnet34", n_classes=2, pretrained=True, weights_file=str(tmp_path / "missing.pth"))
+
+
+def test_normalisation_comes_from_the_weights_metadata():
+    from kagglecls.models import weights_mean_std
+
+    assert weights_mean_std("efficientnet_lite0") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert weights_mean_std("convnext_tiny") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_group_parameters_empty_for_frozen_groups():
@@ -286,10 +356,8 @@ def test_lite0_body_gradients_match_the_package(bn_mode):
 def test_resnet_body_computes_what_torchvision_does_and_fuses_for_inference():
     import torchvision
 
-    from kagglecls.models import _resnet_body
-
     torch.manual_seed(0)
-    ours, _ = _resnet_body("resnet34", pretrained=False, weights_file=None)
+    ours = build_classifier("resnet34", n_classes=2, pretrained=False).body
     assert _fused_pairs(ours) == 36  # stem, 2 per basic block (16 blocks), 3 downsamples
     network = torchvision.models.resnet34(weights=None)
     reference = nn.Sequential(*list(network.children())[:-2])
@@ -305,3 +373,24 @@ def test_resnet_body_computes_what_torchvision_does_and_fuses_for_inference():
         expected = reference.eval()(images)
         assert torch.equal(ours.eval()(images), expected)
         assert torch.allclose(fused_for_inference(ours)(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_vit_at_another_image_size_is_a_model_error_naming_the_params():
+    from kagglecls.loading import build_model
+    from kagglecls.params import params_from_mapping
+
+    params = params_from_mapping(
+        {"model": {"arch": "vit_b_16", "pretrained": False}, "base": {"image_size": 64}}
+    )
+    with pytest.raises(
+        ModelError, match=r"vit_b_16 takes 224 px images only; set base.image_size and finetune"
+    ):
+        build_model(params, 3, pretrained=False)
+    params = params_from_mapping(
+        {
+            "model": {"arch": "vit_b_16", "pretrained": False},
+            "base": {"image_size": 224},
+            "finetune": {"sizes": [224]},
+        }
+    )
+    assert build_model(params, 3, pretrained=False).head[-1].out_features == 3

@@ -141,9 +141,8 @@ def test_wrong_type_names_key_value_and_type(raw, expected):
             "data.sample.image_size: 8 is out of range; allowed: >= 16",
         ),
         (
-            {"model": {"arch": "vgg16"}},
-            "model.arch: 'vgg16' is not allowed; expected one of efficientnet_lite0, resnet34, "
-            "resnext50_32x4d, resnext101_32x8d",
+            {"model": {"arch": 16}},
+            "model.arch: 16 is not",
         ),
         (
             {"train_augmented": {"augmentation": "spin"}},

@@ -72,7 +72,7 @@ def export_model(*, params: Params, model_path: Path, out: Path) -> None:
     size, with its ExportInfo inside."""
     model, classes = load_classifier(params, head_path=model_path, weights_key="model")
     size = params.finetune.sizes[-1]
-    normalisation = normalisation_for(params.model.arch)
+    normalisation = normalisation_for(params)
     info = ExportInfo(
         classes=tuple(classes),
         image_size=size,

@@ -96,7 +96,7 @@ def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: P
     settings = step_settings(params, device)
     model = to_device(build_model(params, len(classes), pretrained=params.model.pretrained), settings)
     size = params.base.image_size
-    transform = EvalPreset(size=size, normalisation=normalisation_for(params.model.arch))
+    transform = EvalPreset(size=size, normalisation=normalisation_for(params))
     with building_folder(out_dir) as temporary:
         for name, split in splits.items():
             if not split.rows:

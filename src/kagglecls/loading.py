@@ -22,7 +22,14 @@ from kagglecls.data import (
 )
 from kagglecls.device import SINGLE_PROCESS, DistributedContext, StepSettings, pick_device, unwrapped
 from kagglecls.manifest import ManifestRow, read_class_info, read_manifest
-from kagglecls.models import ARCH_SPECS, Classifier, build_classifier, set_train_mode
+from kagglecls.models import (
+    Classifier,
+    ModelError,
+    build_classifier,
+    fixed_image_size,
+    set_train_mode,
+    weights_mean_std,
+)
 from kagglecls.params import AugmentedFitParams, Params
 
 
@@ -56,14 +63,14 @@ def step_settings(
     return settings
 
 
-def normalisation_for(arch: str) -> Normalisation:
-    spec = ARCH_SPECS[arch]
-    return Normalisation(mean=spec.mean, std=spec.std)
+def normalisation_for(params: Params) -> Normalisation:
+    mean, std = weights_mean_std(params.model.arch, params.model.weights)
+    return Normalisation(mean=mean, std=std)
 
 
 def presets(params: Params, augmented: AugmentedFitParams, size: int) -> tuple[TrainPreset, EvalPreset]:
     """The augmented (train) and plain (eval) transforms at `size`, with the arch's normalisation."""
-    normalisation = normalisation_for(params.model.arch)
+    normalisation = normalisation_for(params)
     train = TrainPreset(
         size=size,
         augmentation=augmented.augmentation,
@@ -130,14 +137,23 @@ def image_loader(
 
 def build_model(params: Params, n_classes: int, *, pretrained: bool) -> Classifier:
     model = params.model
-    return build_classifier(
+    classifier = build_classifier(
         model.arch,
         n_classes=n_classes,
         pretrained=pretrained,
+        weights=model.weights,
         weights_file=model.weights_file,
         head_hidden=model.head_hidden,
         head_dropout=model.head_dropout,
     )
+    required = fixed_image_size(classifier)
+    sizes = {params.base.image_size, *params.finetune.sizes}
+    if required is not None and sizes != {required}:
+        raise ModelError(
+            f"model.arch: {model.arch} takes {required} px images only; set base.image_size and finetune.sizes "
+            f"to {required} (they are {sorted(sizes)})"
+        )
+    return classifier
 
 
 def to_device(model: Classifier, settings: StepSettings) -> Classifier:

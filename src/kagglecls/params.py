@@ -94,10 +94,9 @@ class DataParams(_Section):
 
 @dataclass(frozen=True)
 class ModelParams(_Section):
-    arch: Literal["efficientnet_lite0", "resnet34", "resnext50_32x4d", "resnext101_32x8d"] = (
-        "efficientnet_lite0"
-    )
+    arch: str = "efficientnet_lite0"  # or a torchvision classification model's name, or timm/<name>
     pretrained: bool = True
+    weights: str = "DEFAULT"  # a torchvision weights entry of the arch (IMAGENET1K_V2, ...)
     weights_file: str | None = None
     head_hidden: tuple[int, ...] = ranged((), ">= 1")
     head_dropout: tuple[float, ...] = ranged((0.25,), "[0, 1)")
