@@ -112,6 +112,16 @@ def test_download_dog_breed_competition(tmp_path, monkeypatch, credentials, auth
     assert requests[-1].path == f"/files/{COMPETITION}.zip"
 
 
+def test_download_shows_its_progress_on_stderr(tmp_path, monkeypatch, capsys):
+    """The client runs quiet (its output is captured, for credentials' sake): our bar counts the bytes."""
+    archive = zip_bytes(dog_breed_files())
+    fetch_from_server(tmp_path, monkeypatch, {COMPETITION: archive})
+    bar = capsys.readouterr().err.split("\r")[-1].strip()  # the bar's last state
+    assert bar.startswith(f"download {COMPETITION}: {len(archive) / 1024:.2f}kB ") or bar.startswith(
+        f"download {COMPETITION}: {len(archive) / 1024:.1f}kB "
+    ), bar
+
+
 def test_download_unpacks_nested_zips(tmp_path, monkeypatch):
     train_image, test_image = tiny_jpeg((1, 2, 3)), tiny_jpeg((4, 5, 6))
     outer = {

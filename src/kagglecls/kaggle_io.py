@@ -12,6 +12,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -85,7 +86,8 @@ def submit(*, submission_csv: Path, competition: str, message: str) -> str:
 
 def _download(*, competition: str, folder: Path) -> Path:
     api = _authenticated_api()
-    with _client_output(api), _client_errors(api, competition=competition, action="download"):
+    progress = _download_progress(folder, description=f"download {competition}")
+    with progress, _client_output(api), _client_errors(api, competition=competition, action="download"):
         try:
             api.competition_download_files(competition, path=str(folder), force=True, quiet=True)
         except ValueError as error:  # the client's check of the size it received against Content-Length
@@ -97,6 +99,36 @@ def _download(*, competition: str, folder: Path) -> Path:
         found = ", ".join(path.name for path in sorted(folder.iterdir())) or "nothing"
         raise KaggleError(f"Kaggle sent no single zip for competition {competition!r} (found {found})")
     return archives[0]
+
+
+@contextlib.contextmanager
+def _download_progress(folder: Path, *, description: str, every: float = 1.0) -> Iterator[None]:
+    """A progress bar (bytes so far, rate) of the files growing in `folder`: the client itself runs quiet,
+    its output captured to keep credentials out of logs. The bar is made before that capture starts."""
+    bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, mininterval=every)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every):
+            bar.update(_bytes_in(folder) - bar.n)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(_bytes_in(folder) - bar.n)
+        bar.close()
+
+
+def _bytes_in(folder: Path) -> int:
+    total = 0
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):  # a file the client renames or removes meanwhile
+            total += path.stat().st_size
+    return total
 
 
 def _authenticated_api() -> Any:
