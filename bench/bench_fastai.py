@@ -41,7 +41,7 @@ import yaml  # noqa: E402
 
 log = logging.getLogger("bench.fastai")
 COMPETITIONS = ("sample", "class_folders")
-# As kagglecls.models.ARCH_SPECS["efficientnet_lite0"]: channels of the body's last map, normalisation.
+# As kagglecls.models does for efficientnet_lite0: channels of the body's last map, normalisation.
 LITE_CHANNELS, LITE_MEAN, LITE_STD = 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 

@@ -30,13 +30,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kagglecls.competition import build_sample_competition, load_competition  # noqa: E402
-from kagglecls.data import EvalPreset, ImageDataset, cache_short_side, make_loader  # noqa: E402
+from kagglecls.data import EvalPreset, ImageDataset, Normalisation, cache_short_side, make_loader  # noqa: E402
 from kagglecls.device import StepSettings, seed_everything  # noqa: E402
 from kagglecls.features import FeatureBatches, write_features  # noqa: E402
 from kagglecls.fitting import make_optimizer  # noqa: E402
 from kagglecls.images import write_resized_cache  # noqa: E402
-from kagglecls.loading import normalisation_for  # noqa: E402
-from kagglecls.models import build_classifier, freeze_to, set_train_mode  # noqa: E402
+from kagglecls.models import build_classifier, freeze_to, set_train_mode, weights_mean_std  # noqa: E402
 from kagglecls.schedule import make_schedule  # noqa: E402
 from kagglecls.training import train_one_epoch  # noqa: E402
 
@@ -78,7 +77,8 @@ def measure_size(
     seed_everything(0)
     cached = [work / f"cache{size}" / f"{index:06d}.jpg" for index in range(len(files))]
     write_resized_cache(files, cached, short_side=cache_short_side(size, 1.3), workers=arguments.workers)
-    dataset = ImageDataset(cached, labels, EvalPreset(size=size, normalisation=normalisation_for(ARCH)))
+    normalisation = Normalisation(*weights_mean_std(ARCH))
+    dataset = ImageDataset(cached, labels, EvalPreset(size=size, normalisation=normalisation))
     model = build_classifier(ARCH, n_classes=n_classes, pretrained=True)
     freeze_to(model, -1, frozen_bn="eval")
     plain = StepSettings(device=torch.device("cpu"))

@@ -78,7 +78,7 @@ def test_the_head_in_eval_mode_computes_the_fitted_model():
     weight, bias = fit_logistic(standardised, torch.from_numpy(labels), n_classes=3, l2=0.01)
     with torch.no_grad():
         np.testing.assert_allclose(head(inputs).numpy(), (standardised @ weight.T + bias).numpy(), atol=1e-4)
-    assert summary["l2"] == 0.01
+    assert summary["l2_used"] == 0.01
     assert summary["train_loss"] == pytest.approx(
         torch.nn.functional.cross_entropy(head(inputs), torch.from_numpy(labels)).item(), rel=1e-4
     )

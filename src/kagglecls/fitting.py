@@ -240,7 +240,7 @@ def fit_linear_head(
     linear.bias.copy_(fitted.bias)
     train_loss = nn.functional.cross_entropy(standardised @ fitted.weight.T + fitted.bias, targets).item()
     log.info("logistic head: l2 %g (cv log loss %s)", fitted.l2, fitted.cv_log_loss)
-    return {"train_loss": train_loss, "l2": fitted.l2}
+    return {"train_loss": train_loss, "l2_used": fitted.l2}
 
 
 def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):
@@ -283,7 +283,7 @@ def _train_head_epochs(params, head, features_dir, splits, settings, valid_loade
         on_epoch=live.log_epoch,
     )
     log.info("train_head: lr %.3g (%s)", lr, source)
-    return result.history, {"lr": lr}
+    return result.history, {"lr_used": lr}
 
 
 def train_augmented(
@@ -404,7 +404,8 @@ def _fit_images(
         offset = len(histories)
 
         def report(record: dict, offset: int = offset, size: int = size) -> None:
-            live.log_epoch({**record, "epoch": offset + record["epoch"], "image_size": size})
+            if record["epoch"] or not offset:  # a later size starts from the weights the last step logged
+                live.log_epoch({**record, "epoch": offset + record["epoch"], "image_size": size})
 
         result = fit(
             trained,
@@ -434,7 +435,7 @@ def _fit_images(
             live,
             histories,
             kept=kept if fit_params.keep == "best_cycle_end" else None,
-            lr=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
+            lr_used=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
         )
         # A checkpoint only serves to resume an interrupted run: once the stage is done, none is left to be
         # mistaken for this run's result by a later one.

@@ -253,8 +253,8 @@ def _torchvision_network(arch: str, weights: str, *, pretrained: bool, weights_f
 
     entry = _torchvision_weights(arch, weights)
     if not pretrained or weights_file:
-        # The weights' own build options (a ViT's image size), without their state.
-        network = torchvision.models.get_model(arch, weights=None, **_build_options(entry))
+        # Built as torchvision builds it for the weights, without their state: the same network either way.
+        network = torchvision.models.get_model(arch, weights=None, **_build_options(arch, entry))
         if weights_file:
             network.load_state_dict(_load_file(weights_file))
         return network
@@ -270,10 +270,16 @@ def _torchvision_network(arch: str, weights: str, *, pretrained: bool, weights_f
         ) from None
 
 
-def _build_options(entry) -> dict:
-    """What torchvision's builder takes from a weights entry besides its state: a ViT's image size."""
-    size = entry.meta.get("min_size")
-    return {"image_size": size[0]} if size and "vit_" in entry.url.rsplit("/", 1)[-1] else {}
+def _build_options(arch: str, entry) -> dict:
+    """The options torchvision's builders set when given weights (torchvision/models/*.py), besides loading
+    them: Inception's and GoogLeNet's input transform, a ViT's or MaxViT's image size."""
+    if arch in ("googlenet", "inception_v3"):
+        return {"transform_input": True, "aux_logits": True, "init_weights": False}
+    if arch.startswith("vit_"):
+        return {"image_size": entry.meta["min_size"][0]}
+    if arch.startswith("maxvit_"):
+        return {"input_size": entry.meta["min_size"]}
+    return {}
 
 
 def _timm():
@@ -287,7 +293,7 @@ def _timm():
 def _timm_network(arch: str, *, pretrained: bool, weights_file: str | None) -> nn.Module:
     """A timm model with its classifier removed (num_classes=0): it ends in pooled features."""
     name = arch.removeprefix("timm/")
-    if name not in _timm().list_models():
+    if not _timm().is_model(name):
         raise ModelError(f"model.arch: timm has no model {name!r} (timm.list_models())")
     try:
         network = _timm().create_model(name, pretrained=pretrained and not weights_file, num_classes=0)
@@ -298,9 +304,13 @@ def _timm_network(arch: str, *, pretrained: bool, weights_file: str | None) -> n
             "to a local copy, or model.pretrained: false"
         ) from None
     if weights_file:
-        network.load_state_dict(
-            _load_file(weights_file), strict=False
-        )  # a file may still hold the classifier
+        # The file may also hold the classifier dropped here; it must hold every weight of the rest.
+        missing = network.load_state_dict(_load_file(weights_file), strict=False).missing_keys
+        if missing:
+            raise ModelError(
+                f"model.weights_file: {weights_file} lacks {len(missing)} weights of timm's {name} "
+                f"(first: {missing[0]}); expected a state_dict saved from it"
+            )
     return network
 
 
@@ -325,14 +335,15 @@ def _body_of(network: nn.Module) -> tuple[nn.Module, int, bool]:
     if isinstance(children.get("features"), nn.Sequential) and "classifier" in children:
         body = children["features"]
         return body, _channels_of(body), True
-    for attribute in ("aux_logits",):  # Inception and GoogLeNet: no auxiliary outputs in training
-        if getattr(network, attribute, False):
-            setattr(network, attribute, False)
-            for name in ("AuxLogits", "aux1", "aux2"):
-                if hasattr(network, name):
-                    setattr(network, name, None)
-    if hasattr(network, "num_features") and hasattr(network, "reset_classifier"):  # timm, num_classes=0
-        return network, network.num_features, False
+    if getattr(network, "aux_logits", False):  # Inception and GoogLeNet: no auxiliary outputs in training
+        network.aux_logits = False
+        for name in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(network, name):
+                setattr(network, name, None)
+    if hasattr(
+        network, "reset_classifier"
+    ):  # timm, built with num_classes=0: its pooled (pre-logits) features
+        return network, getattr(network, "head_hidden_size", None) or network.num_features, False
     parent_name, last = None, None
     for name, module in network.named_modules():
         if isinstance(module, nn.Linear):
@@ -441,12 +452,19 @@ def set_train_mode(model: Classifier, *, frozen_bn: str = "eval", bn_statistics:
     """model.train(), except: frozen_bn "eval" keeps fully frozen groups in eval mode (so a frozen body computes
     what precompute stored); bn_statistics "frozen" keeps every body BatchNorm on its running statistics."""
     model.train()
-    for group in model.layer_groups[:-1]:
-        for module in group:
-            if frozen_bn == "eval" and not any(parameter.requires_grad for parameter in module.parameters()):
-                module.eval()
+    groups = model.layer_groups[:-1]
+    frozen = [
+        not any(parameter.requires_grad for unit in group for parameter in unit.parameters())
+        for group in groups
+    ]
+    if frozen_bn == "eval" and all(frozen):
+        model.body.eval()  # the containers too, for forwards that read their own `training`
+    for group, group_frozen in zip(groups, frozen, strict=True):
+        for unit in group:
+            if frozen_bn == "eval" and group_frozen:
+                unit.eval()
             elif bn_statistics == "frozen":
-                for submodule in module.modules():
+                for submodule in unit.modules():
                     if isinstance(submodule, nn.modules.batchnorm._BatchNorm):
                         submodule.eval()
 

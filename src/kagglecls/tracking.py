@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dvclive import Live
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Each epoch's figures, logged as dvclive step metrics; x is the epoch (the stage's, counted across sizes).
 EPOCH_FIGURES = ("train_loss", "valid_log_loss", "valid_accuracy", "lr", "image_size")
@@ -18,20 +19,19 @@ EPOCH_FIGURES = ("train_loss", "valid_log_loss", "valid_accuracy", "lr", "image_
 class StageLive:
     def __init__(self, stage: str, directory: Path) -> None:
         self.stage, self.directory = stage, directory
+        from dvclive import Live  # here, not at import: `kagglecls predict` imports this module without DVC
+
         # No dvc.yaml of dvclive's (dvc.yaml declares these files) and no experiment of its own (DVC runs it).
         self.live = Live(dir=str(directory), dvcyaml=None, save_dvc_exp=False, report=None)
 
     def log_epoch(self, record: Mapping[str, float]) -> None:
-        """One epoch's figures, and the summary so far: the valid figures of that epoch."""
+        """One epoch's figures (epoch 0: the valid figures of the weights a stage starts from), and the summary
+        so far: that epoch's valid figures."""
         self.live.step = int(record["epoch"])
         for name in EPOCH_FIGURES:
             if name in record:
                 self.live.log_metric(name, record[name])
-        self.summarise(
-            log_loss=record["valid_log_loss"],
-            accuracy=record["valid_accuracy"],
-            train_loss=record["train_loss"],
-        )
+        self.summarise(log_loss=record["valid_log_loss"], accuracy=record["valid_accuracy"])
 
     def summarise(self, **figures: float) -> None:
         """metrics.json: {stage: figures} (dvclive adds the last step)."""

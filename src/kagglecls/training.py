@@ -144,6 +144,8 @@ def fit(
     if 0 in plan.snapshot_epochs and start_epoch == 0 and context.is_main:
         start = {"epoch": 0, **evaluate(unwrapped(model), valid_loader, settings=settings)}
         log.info("%s before training: %s", description, _format(start))
+        history.append(start)  # saved with each checkpoint, so a resumed run reports it again
+        report(start)
         best = Snapshot.of(model, start)
     for epoch in range(start_epoch, plan.epochs):
         record = _one_epoch(
@@ -166,10 +168,11 @@ def fit(
             )
         if context.enabled:
             dist.barrier()
-    kept = history[-1] if history else {}
+    trained = [record for record in history if record["epoch"] > 0]
+    kept = trained[-1] if trained else {}
     if plan.snapshot_epochs:
         kept = _load_best(model, best, context) or kept
-    return FitResult(history=history, kept=kept)
+    return FitResult(history=trained, kept=kept)
 
 
 def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settings, context, description):
@@ -188,8 +191,10 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
         description=f"{description} epoch {epoch + 1}/{plan.epochs}",
         label_smoothing=plan.label_smoothing,
     )
-    # lr: the top layer group's at the epoch's last step
-    record = {"epoch": epoch + 1, "train_loss": record["train_loss"], "lr": optimizer.param_groups[-1]["lr"]}
+    first, top_lr = epoch * plan.steps_per_epoch, optimizer.param_groups[-1]["initial_lr"]
+    factors = [plan.schedule.factor_at(step) for step in range(first, first + plan.steps_per_epoch)]
+    # lr: the top layer group's, averaged over the epoch's steps
+    record = {"epoch": epoch + 1, "train_loss": record["train_loss"], "lr": top_lr * float(np.mean(factors))}
     if context.is_main:
         record.update(evaluate(unwrapped(model), valid_loader, settings=settings))
         log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
@@ -210,6 +215,10 @@ def _load_best(model: nn.Module, best: Snapshot | None, context: DistributedCont
 
 def _format(record: dict[str, float]) -> str:
     return " ".join(
-        f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+        f"{key}={value:.3g}"
+        if key == "lr"
+        else f"{key}={value:.4f}"
+        if isinstance(value, float)
+        else f"{key}={value}"
         for key, value in record.items()
     )
