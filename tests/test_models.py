@@ -394,3 +394,26 @@ def test_a_vit_at_another_image_size_is_a_model_error_naming_the_params():
         }
     )
     assert build_model(params, 3, pretrained=False).head[-1].out_features == 3
+
+
+def test_inception_is_built_as_for_its_weights_whether_or_not_they_load():
+    """torchvision turns on GoogLeNet's input transform when it loads the weights: off, finetune's model (built
+    without them) would compute another function than the one precompute ran."""
+    model = build_classifier("googlenet", n_classes=2, pretrained=False, head_hidden=[], head_dropout=[0.0])
+    assert model.body.transform_input and not model.body.aux_logits
+
+
+def test_a_timm_weights_file_that_misses_weights_is_a_model_error(tmp_path):
+    import timm
+
+    state = timm.create_model("resnet18", num_classes=0).state_dict()
+    torch.save({f"model.{key}": value for key, value in state.items()}, tmp_path / "prefixed.pth")
+    with pytest.raises(ModelError, match=r"prefixed.pth lacks \d+ weights of timm's resnet18 \(first: conv1"):
+        build_classifier(
+            "timm/resnet18", n_classes=2, pretrained=True, weights_file=str(tmp_path / "prefixed.pth")
+        )
+    torch.save(state, tmp_path / "plain.pth")
+    model = build_classifier(
+        "timm/resnet18", n_classes=2, pretrained=True, weights_file=str(tmp_path / "plain.pth")
+    )
+    assert torch.equal(model.body.conv1.weight, state["conv1.weight"])
