@@ -403,9 +403,13 @@ def _fit_images(
         )
         offset = len(histories)
 
-        def report(record: dict, offset: int = offset, size: int = size) -> None:
+        def in_stage(record: dict, offset: int = offset, size: int = size) -> dict:
+            """A record of this size's fit, its epoch counted across the stage's sizes."""
+            return {**record, "epoch": offset + record["epoch"], "image_size": size}
+
+        def report(record: dict, offset: int = offset) -> None:
             if record["epoch"] or not offset:  # a later size starts from the weights the last step logged
-                live.log_epoch({**record, "epoch": offset + record["epoch"], "image_size": size})
+                live.log_epoch(in_stage(record))
 
         result = fit(
             trained,
@@ -420,9 +424,7 @@ def _fit_images(
             description=f"{stage} size {size}",
             on_epoch=report,
         )
-        histories += [
-            {**record, "epoch": offset + record["epoch"], "size": size} for record in result.history
-        ]
+        histories += [in_stage(record) for record in result.history]
         kept = {**result.kept, "epoch": offset + result.kept.get("epoch", 0)}
         lrs.append(group_lrs)
         if checkpoint is not None:
