@@ -3,7 +3,8 @@
 Saves a checkpoint each epoch; a rerun after an interruption resumes from it.
 Run by DVC: `python stages/finetune.py --reorganised data/reorganised --cache data/cache
 --input models/augmented.pt --model models/finetune.pt --checkpoint models/checkpoints/finetune.pt
---live dvclive/finetune`. Runs under `torchrun --nproc_per_node N` too.
+--live dvclive/finetune`. With base.nproc > 1 it runs as that many torchrun
+processes (DistributedDataParallel).
 """
 
 from pathlib import Path
@@ -35,7 +36,7 @@ def main() -> None:
             outputs=outputs,
         )
 
-    run_stage("finetune", body, parser)
+    run_stage("finetune", body, parser, distributed=True)
 
 
 if __name__ == "__main__":

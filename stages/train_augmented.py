@@ -1,7 +1,8 @@
 """Stage train_augmented: the head trained on augmented images through the frozen body, SGDR with cycle_len.
 
 Run by DVC: `python stages/train_augmented.py --reorganised data/reorganised --cache data/cache
---features data/features --head models/head.pt --model models/augmented.pt --live dvclive/train_augmented`. Runs under `torchrun --nproc_per_node N` too.
+--features data/features --head models/head.pt --model models/augmented.pt --live dvclive/train_augmented`.
+With base.nproc > 1 it runs as that many torchrun processes (DistributedDataParallel).
 """
 
 from pathlib import Path
@@ -30,7 +31,7 @@ def main() -> None:
             outputs=outputs,
         )
 
-    run_stage("train_augmented", body, parser)
+    run_stage("train_augmented", body, parser, distributed=True)
 
 
 if __name__ == "__main__":

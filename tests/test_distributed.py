@@ -1,8 +1,9 @@
 """DistributedDataParallel on CPU: 2 processes (gloo) started by torchrun, as a user would on several GPUs.
 
 The library's own fit / init_distributed / SeededSampler train a tiny network on 2 ranks; both end with the
-same weights, equal to one process training on the two ranks' batches together. Then the finetune stage runs
-under `torchrun --nproc_per_node 2` on a tiny project and writes its files once.
+same weights, equal to one process training on the two ranks' batches together. Then `dvc repro` with
+base.nproc 2 runs train_augmented and finetune as 2 torchrun processes each on a tiny project, and each
+stage writes its files once.
 
 This file is also the torchrun worker: `python -m torch.distributed.run ... tests/test_distributed.py IMAGES OUT`.
 """
@@ -11,16 +12,15 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
-from project_fixture import REPO, TINY_PARAMS, make_project, merge, run, stages_run
+from project_fixture import REPO, TINY_PARAMS, environment_for, make_project, merge, run, stages_run
 from torch import nn
 
 from kagglecls.data import EvalPreset, ImageDataset, Normalisation, SeededSampler, TrainPreset, make_loader
@@ -216,20 +216,57 @@ def test_sampler_shards_pad_an_odd_count_like_distributed_sampler() -> None:
 
 @pytest.fixture(scope="module")
 def distributed_finetune(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A tiny project reproduced up to train_augmented, then finetune run by torchrun with 2 processes.
+    """A tiny project reproduced with base.nproc 2: train_augmented and finetune each run as 2 processes.
 
     finetune uses `lr: auto`, so lr_find runs under DDP too, and 3 epochs, so checkpoints are written.
     """
     overrides = merge(
         TINY_PARAMS,
-        {"finetune": {"lr": "auto", "n_cycle": 2, "lr_find": {"num_steps": 20, "end_lr": 0.1}}},
+        {
+            "base": {"nproc": 2},
+            "finetune": {"lr": "auto", "n_cycle": 2, "lr_find": {"num_steps": 20, "end_lr": 0.1}},
+        },
     )
     root = make_project(tmp_path_factory.mktemp("project"), overrides)
-    output = run(["dvc", "repro", "train_augmented"], root)
-    assert stages_run(output) == ["download", "reorganise", "precompute", "train_head", "train_augmented"]
-    command = shlex.split(yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"])
-    assert command[:2] == ["PYTHONPATH=src", "python"]
-    return root, run([*TORCHRUN, *command[2:]], root)
+    output = run(["dvc", "repro", "finetune"], root)
+    assert stages_run(output) == [
+        "download",
+        "reorganise",
+        "precompute",
+        "train_head",
+        "train_augmented",
+        "finetune",
+    ]
+    for stage in ("train_augmented", "finetune"):
+        assert output.count(f"running {stage} as 2 torchrun processes") == 1
+    assert "running train_head as" not in output  # the head trains on the activations, in one process
+    return root, output
+
+
+def test_a_failing_process_under_torchrun_ends_with_one_line_and_its_exit_code(tmp_path: Path) -> None:
+    """Each rank's own one-line error reaches the user, then one line from the launcher; no traceback."""
+    root = make_project(tmp_path / "project", merge(TINY_PARAMS, {"base": {"nproc": 2}}))
+    params = (root / "params.yaml").read_text().replace("arch: efficientnet_lite0", "arch: resnet_unknown")
+    (root / "params.yaml").write_text(params)
+    torch.save({"classes": ["a", "b"], "model": {}}, root / "input.pt")
+    arguments = ["--reorganised", "r", "--cache", "c", "--input", "input.pt", "--model", "out.pt"]
+    result = subprocess.run(
+        [sys.executable, "stages/finetune.py", *arguments, "--checkpoint", "checkpoint.pt", "--live", "live"],
+        cwd=root,
+        env=environment_for(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert re.fullmatch(
+        r"finetune: error: torchrun process [01] of 2 failed with exit code 2 \(its message is above\); "
+        r"the others were stopped",
+        lines[-1],
+    )
+    assert any(line.startswith("finetune: error: model.arch: 'resnet_unknown'") for line in lines[:-1])
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -272,7 +309,7 @@ def test_finetune_model_from_torchrun_loads_and_ranks_agree_on_the_lr(
         probabilities = torch.softmax(model.eval()(torch.zeros(2, 3, 32, 32)), dim=1)
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(2))
     # Both ranks ran lr_find; each must train with the same lr or their replicas drift apart.
-    suggested = re.findall(r"lr_find \(valley\): suggested lr (\S+)", output)
+    suggested = re.findall(r" finetune INFO lr_find \(valley\): suggested lr (\S+)", output)
     assert len(suggested) == 2 and suggested[0] == suggested[1]
     summary = json.loads((root / "dvclive" / "finetune" / "metrics.json").read_text())["finetune"]
     assert summary["lr_used"] == pytest.approx(float(suggested[0]), rel=1e-2)

@@ -121,13 +121,20 @@ def test_any_family_gets_three_layer_groups_covering_every_parameter_once(arch, 
 
 
 def test_unknown_arch_and_weights_are_model_errors():
-    with pytest.raises(
-        ModelError, match="model.arch: 'resnet35' is unknown; expected efficientnet_lite0, timm"
-    ):
+    with pytest.raises(ModelError) as raised:
         build_classifier("resnet35", n_classes=2, pretrained=False)
+    message = str(raised.value)
+    assert message.startswith(
+        "model.arch: 'resnet35' is unknown (close: resnet50, resnet34, resnet152, resnet18)"
+    )
+    assert "expected efficientnet_lite0, timm/<name>, or a torchvision classification model" in message
+    assert "print(torchvision.models.list_models(module=torchvision.models))" in message
+    assert "\n" not in message
     with pytest.raises(ModelError, match="model.weights: resnet34 has no 'IMAGENET1K_V9'; .* IMAGENET1K_V1"):
         build_classifier("resnet34", n_classes=2, pretrained=False, weights="IMAGENET1K_V9")
-    with pytest.raises(ModelError, match="model.arch: timm has no model 'resnet35'"):
+    with pytest.raises(
+        ModelError, match=r"model.arch: timm has no model 'resnet35' \(close: resnet50, resnet34,"
+    ):
         build_classifier("timm/resnet35", n_classes=2, pretrained=False)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kagglecls.checkpoints import fingerprint_of, save_atomic, save_checkpoint
-from kagglecls.device import StepSettings
+from kagglecls.device import StepSettings, compiled, unwrapped
 from kagglecls.fitting import make_optimizer
 from kagglecls.lr_find import (
     LrFindResult,
@@ -342,8 +342,10 @@ def _run_fit(
     model_seed: int = 0,
     epochs: int = 3,
     snapshot_epochs: tuple[int, ...] = (),
+    compile: bool = False,
+    batch_norm: bool = True,
 ):
-    model = _tiny_model(model_seed)
+    model = _tiny_model(model_seed, batch_norm=batch_norm)
     optimizer = make_optimizer([list(model.parameters())], [1e-2], kind="adam", weight_decay=0.01)
     train_loader = train_loader or _train_loader()
     steps = len(train_loader)
@@ -358,7 +360,7 @@ def _run_fit(
     )
     valid_inputs, valid_targets = _tensors(24, seed=2)
     result = fit(
-        model,
+        compiled(model, compile),
         optimizer,
         plan=plan,
         train_loader=train_loader,
@@ -400,6 +402,26 @@ def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
     _assert_same_state(reference_model.state_dict(), resumed_model.state_dict())
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 3
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["fit.pt"]  # no temporaries left
+
+
+def test_fit_under_torch_compile_trains_as_eager_and_checkpoints_the_plain_keys(tmp_path, monkeypatch):
+    # Inductor draws dropout masks from its own generator unless told to use eager's.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # Without BatchNorm: the bias before one gets a gradient of rounding noise only, which Adam scales up to
+    # full steps, so eager and compiled runs would part there.
+    eager_model, _, eager_history = _run_fit(batch_norm=False)
+    checkpoint = tmp_path / "fit.pt"
+    compiled_model, _, compiled_history = _run_fit(
+        compile=True, batch_norm=False, checkpoint=checkpoint, fingerprint="a"
+    )
+    assert [record["epoch"] for record in compiled_history] == [1, 2, 3]
+    for eager, other in zip(eager_history, compiled_history, strict=True):
+        assert other["valid_log_loss"] == pytest.approx(eager["valid_log_loss"], abs=2e-3)
+    torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), atol=2e-3, rtol=2e-3)
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    assert list(saved) == list(eager_model.state_dict())  # no "_orig_mod." prefix
+    wrapper = compiled(compiled_model, True)
+    assert wrapper is not compiled_model and unwrapped(wrapper) is compiled_model
 
 
 def test_fit_with_another_fingerprint_starts_over(tmp_path):

@@ -81,7 +81,15 @@ def wrap_distributed(model: nn.Module, context: DistributedContext, device: torc
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """base.compile: `model` (DDP-wrapped or not) through torch.compile, for the training steps."""
+    return torch.compile(model) if enabled else model
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
+    """The Classifier inside torch.compile's and DistributedDataParallel's wrappers: its state_dict's keys are
+    the same however it was trained."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -19,6 +19,7 @@ from kagglecls.checkpoints import fingerprint_of, save_atomic
 from kagglecls.device import (
     DistributedContext,
     StepSettings,
+    compiled,
     init_distributed,
     pick_device,
     reduce_sums,
@@ -370,7 +371,7 @@ def _fit_images(
     splits, classes = load_splits(reorganised)
     settings = step_settings(params, device, model, bn_statistics=bn_statistics)
     model = to_device(model, settings)
-    trained = wrap_distributed(model, context, device)
+    trained = compiled(wrap_distributed(model, context, device), params.base.compile)
     batch_size = fit_params.batch_size or params.base.batch_size
     live = StageLive(stage, outputs.live) if context.is_main else None
     histories, lrs, checkpoints = [], [], []

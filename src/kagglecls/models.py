@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,10 +232,12 @@ def _lite0_weights_path() -> Path:
 def _torchvision_weights(arch: str, weights: str):
     import torchvision
 
-    if arch not in torchvision.models.list_models(module=torchvision.models):
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
         raise ModelError(
-            f"model.arch: {arch!r} is unknown; expected efficientnet_lite0, timm/<name>, or a torchvision "
-            "classification model (torchvision.models.list_models(module=torchvision.models))"
+            f"model.arch: {arch!r} is unknown{_close_names(arch, ['efficientnet_lite0', *names])}; expected "
+            "efficientnet_lite0, timm/<name>, or a torchvision classification model (all of them: python -c "
+            "'import torchvision; print(torchvision.models.list_models(module=torchvision.models))')"
         )
     entries = torchvision.models.get_model_weights(arch)
     try:
@@ -282,6 +285,11 @@ def _build_options(arch: str, entry) -> dict:
     return {}
 
 
+def _close_names(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+    return f" (close: {', '.join(close)})" if close else ""
+
+
 def _timm():
     try:
         import timm
@@ -294,7 +302,10 @@ def _timm_network(arch: str, *, pretrained: bool, weights_file: str | None) -> n
     """A timm model with its classifier removed (num_classes=0): it ends in pooled features."""
     name = arch.removeprefix("timm/")
     if not _timm().is_model(name):
-        raise ModelError(f"model.arch: timm has no model {name!r} (timm.list_models())")
+        raise ModelError(
+            f"model.arch: timm has no model {name!r}{_close_names(name, _timm().list_models())} (all of them: "
+            "python -c 'import timm; print(timm.list_models())')"
+        )
     try:
         network = _timm().create_model(name, pretrained=pretrained and not weights_file, num_classes=0)
     except (OSError, RuntimeError) as error:

@@ -59,6 +59,8 @@ class BaseParams(_Section):
     decoded_cache_mb: int = ranged(2048, ">= 0")
     amp: bool = True
     channels_last: bool = True
+    compile: bool = False
+    nproc: int = ranged(1, ">= 1")
 
     def __post_init__(self) -> None:
         super().__post_init__()
