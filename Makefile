@@ -34,9 +34,10 @@ format: install
 bench: install
 	python bench/run_all.py
 
-# make submit MESSAGE="what changed": validates data/submission.csv, then uploads it with the kaggle client.
+# make submit MESSAGE="what changed": validates data/submission.csv, uploads it with the kaggle client, waits
+# for the public score and records it in submissions/history.csv (commit that file).
 submit: install
-	kagglecls-submit --message "$(MESSAGE)"
+	kagglecls-submit --wait --message "$(MESSAGE)"
 
 clean:
 	rm -rf data models dvclive plots

@@ -7,6 +7,8 @@ which answers like Kaggle:
 - POST /api/v1/competitions.CompetitionApiService/DownloadDataFiles -> 302 to /files/<name>.zip, then the zip
 - POST .../StartSubmissionUpload -> {"token", "createUrl"}; PUT of the file to createUrl -> 200
 - POST .../CreateSubmission -> {"message", "ref"}; POST .../GetSubmissionLimits -> the limits
+- POST .../ListSubmissions -> submission SUBMISSION_REF as `submission_states` says, one state a call (the last
+  repeats): PENDING, then COMPLETE with a public score or ERROR with Kaggle's message
 - POST /api/v1/security.OAuthService/IntrospectToken -> the user of FAKE_TOKEN (KAGGLE_API_TOKEN sign-in)
 
 API calls need the fake credentials (HTTP Basic FAKE_USERNAME:FAKE_KEY or Bearer FAKE_TOKEN), else 401.
@@ -30,7 +32,7 @@ import logging
 import os
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +50,7 @@ FAKE_TOKEN = "KGAT_fake-token-8d2e4b6a0c"
 COMPETITION_SERVICE = "/api/v1/competitions.CompetitionApiService/"
 INTROSPECT_PATH = "/api/v1/security.OAuthService/IntrospectToken"
 MAX_BODY_BYTES = 64 << 20
+SUBMISSION_REF = 4242
 DEFAULT_LIMITS = {"numToday": 1, "numTotal": 3, "numAllowedNow": 4, "limitedByTotal": False}
 # Variables that would steer the client elsewhere (proxies, real credentials, verbose header printing).
 ENV_TO_UNSET = (
@@ -87,6 +90,7 @@ class _Competitions:
     status_by_name: Mapping[str, int]
     submission_message: str
     submission_limits: Mapping[str, Any]
+    submission_states: list[Mapping[str, Any]]
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,6 +102,7 @@ def serve_competition(
     status_by_name: Mapping[str, int] | None = None,
     submission_message: str = "Successfully submitted",
     submission_limits: Mapping[str, Any] | None = None,
+    submission_states: Sequence[Mapping[str, Any]] = ({"status": "COMPLETE", "publicScore": "0.12345"},),
     lifetime_s: float = 300.0,
 ) -> Iterator[tuple[int, list[RecordedRequest]]]:
     """Serve the competitions named in `zip_bytes_by_name`; yields (port, requests received so far).
@@ -110,6 +115,7 @@ def serve_competition(
         status_by_name=dict(status_by_name or {}),
         submission_message=submission_message,
         submission_limits=dict(submission_limits or DEFAULT_LIMITS),
+        submission_states=[dict(state) for state in submission_states],
     )
     handler = type("StandInKaggleHandler", (_Handler,), {"competitions": competitions})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -242,9 +248,14 @@ class _Handler(BaseHTTPRequestHandler):
             token = f"blob-token-{len(self.competitions.requests)}"
             self._send_json(200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
         elif method == "CreateSubmission":
-            self._send_json(200, {"message": self.competitions.submission_message, "ref": 4242})
+            self._send_json(200, {"message": self.competitions.submission_message, "ref": SUBMISSION_REF})
         elif method == "GetSubmissionLimits":
             self._send_json(200, dict(self.competitions.submission_limits))
+        elif method == "ListSubmissions":
+            states = self.competitions.submission_states
+            state = states.pop(0) if len(states) > 1 else states[0]
+            listed = {"ref": SUBMISSION_REF, "description": "stand-in submission", **state}
+            self._send_json(200, {"submissions": [listed], "nextPageToken": ""})
         else:
             self._send_json(404, {"code": 404, "message": f"stand-in Kaggle: no method {method}"})
 

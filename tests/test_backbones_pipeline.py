@@ -27,7 +27,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("arch", "size"), BACKBONES)
-def test_exp_run_with_another_backbone_ends_with_a_valid_submission(project: Path, arch: str, size: int) -> None:
+def test_exp_run_with_another_backbone_ends_with_a_valid_submission(
+    project: Path, arch: str, size: int
+) -> None:
     settings = [f"model.arch={arch}", "model.pretrained=false"]
     if size != TINY_PARAMS["base"]["image_size"]:
         settings += [f"base.image_size={size}", f"finetune.sizes=[{size}]"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from kaggle_server import (
+    SUBMISSION_REF,
     apply_kaggle_env,
     assert_no_credentials,
     kaggle_env,
@@ -19,8 +21,10 @@ from kaggle_server import (
 )
 
 import kagglecls
-from kagglecls.kaggle_io import KaggleError, submit
-from kagglecls.submit import SubmissionError, _validate, main, submission_description
+from kagglecls import kaggle_io
+from kagglecls.__main__ import main as kagglecls_main
+from kagglecls.kaggle_io import KaggleError, Uploaded, submit, wait_for_score
+from kagglecls.submit import HISTORY_COLUMNS, SubmissionError, _validate, main, submission_description
 
 COMPETITION = "dog-breed-identification"
 SAMPLE = "id,boston_bull,dingo\na1,0.5,0.5\nb2,0.5,0.5\nc3,0.5,0.5\n"
@@ -75,7 +79,7 @@ def test_submit_uploads_the_file_and_returns_the_server_message(tmp_path, monkey
             submission_csv=submission, competition=COMPETITION, message="first try | commit abc1234"
         )
 
-    assert answer == "Successfully submitted to Dog Breed"
+    assert answer == Uploaded(message="Successfully submitted to Dog Breed", ref=SUBMISSION_REF)
     start = calls(requests, "StartSubmissionUpload")[0].json()
     assert (start["competitionName"], start["fileName"], start["contentLength"]) == (
         COMPETITION,
@@ -250,3 +254,125 @@ def test_missing_credentials_on_submit(tmp_path, monkeypatch):
             submit(submission_csv=submission, competition=COMPETITION, message="x")
     assert requests == []
     assert not os.environ.get("KAGGLE_KEY")
+
+
+# ---- waiting for the score; submissions/history.csv; `kagglecls submissions` ----
+
+
+def history(project: Path) -> list[dict[str, str]]:
+    with open(project / "submissions" / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """wait_for_score's pauses, recorded instead of slept."""
+    pauses: list[float] = []
+    monkeypatch.setattr(kaggle_io.time, "sleep", pauses.append)
+    return pauses
+
+
+def test_wait_records_the_public_score_with_the_commit(project, monkeypatch, capsys, no_sleep):
+    git("init", "-q", cwd=project)
+    git("add", "params.yaml", cwd=project)
+    git("commit", "-q", "-m", "params", cwd=project)
+    commit = git("rev-parse", "--short", "HEAD", cwd=project).strip()
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-stand-in")
+    states = [{"status": "PENDING"}, {"status": "PENDING"}, {"status": "COMPLETE", "publicScore": "0.31416"}]
+    with serve_competition({COMPETITION: b""}, submission_states=states) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
+        assert main(["--message", "lite0", "--wait"]) == 0
+
+    assert len(calls(requests, "ListSubmissions")) == 3
+    assert no_sleep == [5.0, 10.0]  # backing off between the two pending answers
+    (row,) = history(project)
+    assert list(row) == list(HISTORY_COLUMNS)
+    assert {key: row[key] for key in ("competition", "ref", "commit", "experiment", "valid_log_loss")} == {
+        "competition": COMPETITION,
+        "ref": str(SUBMISSION_REF),
+        "commit": commit,
+        "experiment": "exp-stand-in",
+        "valid_log_loss": "0.4321",
+    }
+    assert (row["message"], row["status"], row["public_score"], row["error"]) == (
+        "lite0",
+        "complete",
+        "0.31416",
+        "",
+    )
+    assert capsys.readouterr().out.startswith(
+        f"public score 0.31416: submission {SUBMISSION_REF}, lite0 | commit"
+    )
+
+
+def test_a_scoring_error_is_one_line_with_kaggles_message(project, monkeypatch, capsys, no_sleep):
+    states = [
+        {"status": "PENDING"},
+        {"status": "ERROR", "errorDescription": "Submission has 3 rows, expected 10357"},
+    ]
+    with serve_competition({COMPETITION: b""}, submission_states=states) as (port, _):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--wait"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"kagglecls-submit: error: Kaggle could not score submission {SUBMISSION_REF}: "
+        "Submission has 3 rows, expected 10357\n"
+    )
+    (row,) = history(project)
+    assert (row["status"], row["error"]) == ("error", "Submission has 3 rows, expected 10357")
+
+
+def test_the_wait_gives_up_after_its_bound_and_keeps_the_upload(project, monkeypatch, capsys, no_sleep):
+    with serve_competition({COMPETITION: b""}, submission_states=[{"status": "PENDING"}]) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
+        clock = iter(range(0, 1000, 20))  # each question to Kaggle 20 s after the last
+        monkeypatch.setattr(kaggle_io.time, "monotonic", lambda: float(next(clock)))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--wait", "--wait-timeout", "60"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"kagglecls-submit: error: Kaggle had not scored submission {SUBMISSION_REF} after 60 s; it stays "
+        "uploaded: `kagglecls submissions` shows its score once Kaggle has it\n"
+    )
+    assert len(calls(requests, "CreateSubmission")) == 1
+    assert [row["status"] for row in history(project)] == ["pending"]
+
+
+def test_wait_for_score_backs_off_up_to_its_longest_pause(tmp_path, monkeypatch, no_sleep):
+    states = [{"status": "PENDING"}] * 6 + [{"status": "COMPLETE", "publicScore": "1.5"}]
+    with serve_competition({COMPETITION: b""}, submission_states=states) as (port, _):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, tmp_path))
+        scored = wait_for_score(competition=COMPETITION, ref=SUBMISSION_REF, timeout_s=3600, max_delay_s=30)
+    assert (scored.status, scored.public_score) == ("complete", "1.5")
+    assert no_sleep == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+
+
+def test_kagglecls_submissions_refreshes_the_history_and_lists_the_others(project, monkeypatch, capsys):
+    (project / "submissions").mkdir()
+    (project / "submissions" / "history.csv").write_text(
+        ",".join(HISTORY_COLUMNS) + "\n"
+        f"2026-12-01T10:00:00Z,{COMPETITION},{SUBMISSION_REF},abc1234,exp-a,0.4321,lite0,pending,,\n"
+        f"2026-11-30T10:00:00Z,{COMPETITION},17,abc1233,,0.5,older,complete,0.6,\n"
+        "2026-11-30T09:00:00Z,another-competition,18,abc1232,,0.7,elsewhere,complete,0.8,\n"
+    )
+    with serve_competition({COMPETITION: b""}) as (port, requests):
+        apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
+        assert kagglecls_main(["submissions"]) == 0
+
+    assert calls(requests, "ListSubmissions")[0].json()["competitionName"] == COMPETITION
+    rows = history(project)
+    assert [(row["ref"], row["status"], row["public_score"]) for row in rows] == [
+        (str(SUBMISSION_REF), "complete", "0.12345"),  # the stand-in's default answer
+        ("17", "complete", "0.6"),
+        ("18", "complete", "0.8"),
+    ]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "ref", "submitted_at", "status", "public_score", "valid_log_loss", "commit", "experiment", "message"
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        str(SUBMISSION_REF), "2026-12-01T10:00:00Z", "complete", "0.12345", "0.4321", "abc1234", "exp-a", "lite0"
+    ]  # fmt: skip
+    assert lines[2].split()[:4] == ["17", "2026-11-30T10:00:00Z", "complete", "0.6"]
+    assert len(lines) == 3  # the other competition's submission is left out

@@ -1,4 +1,4 @@
-"""`kagglecls COMMAND ...`, the console script (also `python -m kagglecls COMMAND ...`). Commands: predict."""
+"""`kagglecls COMMAND ...`, the console script (also `python -m kagglecls COMMAND ...`). Commands: predict, submissions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kagglecls import predict
+from kagglecls import predict, submit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,7 +19,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             description="The exported model's top classes for image files and folders, printed or as CSV.",
         )
     )
+    submit.add_submissions_arguments(
+        commands.add_parser(
+            "submissions",
+            help="submissions/history.csv beside Kaggle's list: status and public score of each",
+            description="This project's submissions (submissions/history.csv), their status and public score "
+            "refreshed from Kaggle, and Kaggle's latest ones made elsewhere.",
+        )
+    )
     arguments = parser.parse_args(argv)
+    if arguments.command == "submissions":
+        return submit.run_submissions(arguments)
     return predict.run(arguments)
 
 

@@ -13,10 +13,11 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -68,17 +69,88 @@ def fetch_competition(*, source: str, competition: str, dest: Path) -> None:
     logger.info("competition %s from %s is in %s", competition, source, dest)
 
 
-def submit(*, submission_csv: Path, competition: str, message: str) -> str:
+@dataclass(frozen=True)
+class Uploaded:
+    message: str  # the server's
+    ref: int  # the submission's id at Kaggle
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One submission as Kaggle lists it."""
+
+    ref: int
+    status: str  # pending | complete | error
+    public_score: str | None = None
+    error: str | None = None  # Kaggle's description of a scoring error
+    description: str = ""
+
+
+class ScoreWaitTimeout(KaggleError):
+    """Kaggle had not scored the submission when the wait's bound ran out."""
+
+
+def submit(*, submission_csv: Path, competition: str, message: str) -> Uploaded:
     """Upload `submission_csv` (submit.main has read and validated it) to `competition` with the kaggle
-    client; returns the server's message."""
+    client."""
     api = _authenticated_api()
     with _client_output(api), _client_errors(api, competition=competition, action="submit to"):
         _check_submission_limits(api, competition=competition)
         response = api.competition_submit(str(submission_csv), message, competition, quiet=True)
     if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise KaggleError(f"upload of {submission_csv} to competition {competition!r} failed; submit again")
-    logger.info("submitted %s to %s: %s", submission_csv, competition, response.message)
-    return response.message
+    logger.info(
+        "submitted %s to %s: %s (ref %s)", submission_csv, competition, response.message, response.ref
+    )
+    return Uploaded(message=response.message, ref=int(response.ref))
+
+
+def list_submissions(*, competition: str) -> list[Scored]:
+    """This account's latest submissions to `competition` (the client's first page, newest first)."""
+    api = _authenticated_api()
+    with _client_output(api), _client_errors(api, competition=competition, action="list submissions of"):
+        answer = api.competition_submissions(competition) or []
+    return [
+        Scored(
+            ref=int(item.ref),
+            status=item.status.name.lower(),
+            public_score=item.public_score or None,
+            error=item.error_description or None,
+            description=item.description or "",
+        )
+        for item in answer
+        if item is not None
+    ]
+
+
+def wait_for_score(
+    *,
+    competition: str,
+    ref: int,
+    timeout_s: float,
+    first_delay_s: float = 5.0,
+    max_delay_s: float = 60.0,
+) -> Scored:
+    """Ask Kaggle about submission `ref` until it is scored (or failed), waiting first_delay_s, then twice as
+    long each time up to max_delay_s; ScoreWaitTimeout once `timeout_s` would be passed."""
+    deadline, delay = time.monotonic() + timeout_s, first_delay_s
+    while True:
+        scored = next((item for item in list_submissions(competition=competition) if item.ref == ref), None)
+        if scored is not None and scored.status != "pending":
+            return scored
+        if time.monotonic() + delay > deadline:
+            raise ScoreWaitTimeout(
+                f"Kaggle had not scored submission {ref} after {timeout_s:.0f} s; it stays uploaded: "
+                "`kagglecls submissions` shows its score once Kaggle has it"
+            )
+        logger.info(
+            "submission %d: %s; asking again in %.0f s",
+            ref,
+            scored.status if scored else "not listed yet",
+            delay,
+        )
+        time.sleep(delay)
+        delay = min(2 * delay, max_delay_s)
 
 
 # ---- the kaggle client ----

@@ -1,26 +1,37 @@
 """`make submit MESSAGE="..."`: validate data/submission.csv against the sample, then submit it to Kaggle with
-the commit, experiment and valid log loss in its description. Never a DVC stage: it spends the day's quota."""
+the commit, experiment and valid log loss in its description, record it in submissions/history.csv and, with
+--wait, wait for its public score. Never a DVC stage: it spends the day's quota.
+`kagglecls submissions`: that history beside what Kaggle reports."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
 from kagglecls.errors import UserError
-from kagglecls.kaggle_io import submit
+from kagglecls.kaggle_io import KaggleError, Scored, list_submissions, submit, wait_for_score
 from kagglecls.params import load_params
 from kagglecls.submission import SubmissionError, read_sample_submission, validate_submission
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
+HISTORY = Path("submissions/history.csv")
+HISTORY_COLUMNS = (
+    "submitted_at", "competition", "ref", "commit", "experiment", "valid_log_loss", "message", "status",
+    "public_score", "error",
+)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,32 +42,163 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--metrics", type=Path, default=Path("dvclive/predict_tta/metrics.json"))
     parser.add_argument("--message", default="", help="what this submission tries")
+    parser.add_argument(
+        "--history", type=Path, default=HISTORY, help=f"where submissions are recorded ({HISTORY})"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="wait until Kaggle scores it, then record the score"
+    )
+    parser.add_argument("--wait-timeout", type=float, default=900, help="seconds to wait at most (900)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         competition = args.competition or load_params(args.params).data.competition
         _validate(args.submission, args.sample)
-        description = submission_description(message=args.message, metrics_path=args.metrics)
-        server_message = submit(submission_csv=args.submission, competition=competition, message=description)
+        provenance = Provenance.of(message=args.message, metrics_path=args.metrics)
+        uploaded = submit(
+            submission_csv=args.submission, competition=competition, message=provenance.description()
+        )
+        _append_history(args.history, competition=competition, ref=uploaded.ref, provenance=provenance)
+        logger.info("Kaggle says: %s", uploaded.message)
+        if args.wait:
+            scored = wait_for_score(competition=competition, ref=uploaded.ref, timeout_s=args.wait_timeout)
+            _update_history(args.history, [scored])
+            if scored.status == "error":
+                raise KaggleError(
+                    f"Kaggle could not score submission {scored.ref}: {scored.error or 'no reason given'}"
+                )
+            print(f"public score {scored.public_score}: submission {scored.ref}, {provenance.description()}")
     except UserError as error:  # bad params, sample, submission or Kaggle answer: one line, no traceback
         parser.exit(EXIT_USER_ERROR, f"{parser.prog}: error: {error}\n")
-    logger.info("Kaggle says: %s", server_message)
     return 0
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What a submission came from: the user's message, the git commit, the DVC experiment, the valid figure."""
+
+    message: str
+    commit: str | None
+    experiment: str | None
+    valid_log_loss: float | None
+
+    @classmethod
+    def of(cls, *, message: str, metrics_path: Path) -> Provenance:
+        return cls(
+            message=message.strip() or "kagglecls",
+            commit=_git_commit(),
+            experiment=os.environ.get("DVC_EXP_NAME"),
+            valid_log_loss=_valid_log_loss(metrics_path),
+        )
+
+    def description(self) -> str:
+        """`message | commit 1a2b3c4 | experiment exp-x | valid log loss 0.4321`, leaving out what is unknown."""
+        parts = [self.message]
+        if self.commit:
+            parts.append(f"commit {self.commit}")
+        if self.experiment:
+            parts.append(f"experiment {self.experiment}")
+        if self.valid_log_loss is not None:
+            parts.append(f"valid log loss {self.valid_log_loss:.4f}")
+        return " | ".join(parts)
+
+
 def submission_description(*, message: str, metrics_path: Path) -> str:
-    """`message | commit 1a2b3c4 | experiment exp-x | valid log loss 0.4321`, leaving out what is unknown."""
-    parts = [message.strip() or "kagglecls"]
-    commit = _git_commit()
-    if commit:
-        parts.append(f"commit {commit}")
-    experiment = os.environ.get("DVC_EXP_NAME")
-    if experiment:
-        parts.append(f"experiment {experiment}")
-    log_loss = _valid_log_loss(metrics_path)
-    if log_loss is not None:
-        parts.append(f"valid log loss {log_loss:.4f}")
-    return " | ".join(parts)
+    return Provenance.of(message=message, metrics_path=metrics_path).description()
+
+
+# ---- submissions/history.csv: one row a submission, tracked in git ----
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_history(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({column: row.get(column, "") for column in HISTORY_COLUMNS} for row in rows)
+    partial.replace(path)
+
+
+def _append_history(path: Path, *, competition: str, ref: int, provenance: Provenance) -> None:
+    row = {
+        "submitted_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "competition": competition,
+        "ref": str(ref),
+        "commit": provenance.commit or "",
+        "experiment": provenance.experiment or "",
+        "valid_log_loss": "" if provenance.valid_log_loss is None else f"{provenance.valid_log_loss:.4f}",
+        "message": provenance.message,
+        "status": "pending",
+    }
+    _write_history(path, [*_read_history(path), row])
+    logger.info("recorded submission %d in %s", ref, path)
+
+
+def _update_history(path: Path, listed: Sequence[Scored]) -> list[dict[str, str]]:
+    """The history with status, public score and error taken from Kaggle's list; written back if any changed."""
+    by_ref = {str(item.ref): item for item in listed}
+    rows, changed = _read_history(path), False
+    for row in rows:
+        item = by_ref.get(row["ref"])
+        if item is None:
+            continue
+        known = {"status": item.status, "public_score": item.public_score or "", "error": item.error or ""}
+        if any(row.get(key, "") != value for key, value in known.items()):
+            row.update(known)
+            changed = True
+    if changed:
+        _write_history(path, rows)
+    return rows
+
+
+def add_submissions_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--competition", default=None, help="default: data.competition in --params")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--history", type=Path, default=HISTORY)
+
+
+def run_submissions(arguments: argparse.Namespace) -> int:
+    """`kagglecls submissions`: the history's rows, their status and public score refreshed from Kaggle, then
+    Kaggle's latest submissions that the history does not hold."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        competition = arguments.competition or load_params(arguments.params).data.competition
+        listed = list_submissions(competition=competition)
+    except UserError as error:
+        print(f"kagglecls submissions: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    rows = [row for row in _update_history(arguments.history, listed) if row["competition"] == competition]
+    known = {row["ref"] for row in rows}
+    rows += [
+        {"ref": str(item.ref), "status": item.status, "public_score": item.public_score or "",
+         "error": item.error or "", "message": f"(not in {arguments.history}) {item.description}"}
+        for item in listed
+        if str(item.ref) not in known
+    ]  # fmt: skip
+    columns = [
+        "ref",
+        "submitted_at",
+        "status",
+        "public_score",
+        "valid_log_loss",
+        "commit",
+        "experiment",
+        "message",
+    ]
+    if not rows:
+        print(f"no submissions to {competition} yet")
+        return 0
+    table = pd.DataFrame([{column: row.get(column, "") for column in columns} for row in rows])
+    print(table.to_string(index=False))
+    return 0
 
 
 def _git_commit() -> str | None:
