@@ -2,7 +2,7 @@
 
 Run by DVC: `python stages/predict_tta.py --reorganised data/reorganised --cache data/cache
 --model models/finetune.pt --live dvclive/predict_tta
---predictions data/predictions/test.npz`.
+--predictions data/predictions/test.npz --valid-predictions data/predictions/valid.npz`.
 """
 
 from pathlib import Path
@@ -17,7 +17,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
-    parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True, help="test probabilities (.npz)")
+    parser.add_argument(
+        "--valid-predictions", type=Path, help="valid probabilities (.npz), for kagglecls ensemble"
+    )
 
     def body(arguments, params) -> None:
         predict.predict_tta(
@@ -27,6 +30,7 @@ def main() -> None:
             model_path=arguments.model,
             live_dir=arguments.live,
             predictions=arguments.predictions,
+            valid_predictions=arguments.valid_predictions,
         )
 
     run_stage("predict_tta", body, parser)

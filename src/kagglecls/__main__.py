@@ -1,4 +1,4 @@
-"""`kagglecls COMMAND ...`, the console script (also `python -m kagglecls COMMAND ...`). Commands: predict, submissions."""
+"""`kagglecls COMMAND ...`, the console script (also `python -m kagglecls COMMAND ...`). Commands: predict, submissions, ensemble."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kagglecls import predict, submit
+from kagglecls import ensemble, predict, submit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "refreshed from Kaggle, and Kaggle's latest ones made elsewhere.",
         )
     )
+    ensemble.add_arguments(
+        commands.add_parser(
+            "ensemble",
+            help="several experiments' test probabilities averaged into one submission",
+            description=ensemble.__doc__.split("\n\n")[0],
+        )
+    )
     arguments = parser.parse_args(argv)
+    if arguments.command == "ensemble":
+        return ensemble.run(arguments)
     if arguments.command == "submissions":
         return submit.run_submissions(arguments)
     return predict.run(arguments)

@@ -49,9 +49,11 @@ def predict_tta(
     model_path: Path,
     live_dir: Path,
     predictions: Path,
+    valid_predictions: Path | None = None,
 ) -> None:
     """TTA on valid (metrics, confusion matrix, most confused pairs, top losses, in dvclive's folder
-    `live_dir`) and on test (class probabilities)."""
+    `live_dir`; the probabilities in `valid_predictions`, for `kagglecls ensemble`) and on test (class
+    probabilities in `predictions`)."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
     live = StageLive("predict_tta", live_dir)
@@ -71,6 +73,17 @@ def predict_tta(
         "accuracy_no_tta": accuracy(valid_plain, targets),
     }
     _interpret(params, valid, splits["valid"], classes, reorganised, live)
+    if valid_predictions is not None:
+        with write_file(valid_predictions) as temporary:
+            ids = np.array([row.id for row in splits["valid"].rows], dtype=str)
+            classes_array = np.array(classes, dtype=str)
+            np.savez(
+                temporary,
+                ids=ids,
+                probabilities=valid.astype(np.float64),
+                targets=targets,
+                classes=classes_array,
+            )
     live.summarise(**report)
     live.end()
     test = splits["test"]
