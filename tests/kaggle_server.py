@@ -8,7 +8,8 @@ which answers like Kaggle:
 - POST .../StartSubmissionUpload -> {"token", "createUrl"}; PUT of the file to createUrl -> 200
 - POST .../CreateSubmission -> {"message", "ref"}; POST .../GetSubmissionLimits -> the limits
 - POST .../ListSubmissions -> submission SUBMISSION_REF as `submission_states` says, one state a call (the last
-  repeats): PENDING, then COMPLETE with a public score or ERROR with Kaggle's message
+  repeats): PENDING, then COMPLETE with a public score or ERROR with Kaggle's message; then
+  `other_submissions` as given (submissions made elsewhere)
 - POST /api/v1/security.OAuthService/IntrospectToken -> the user of FAKE_TOKEN (KAGGLE_API_TOKEN sign-in)
 
 API calls need the fake credentials (HTTP Basic FAKE_USERNAME:FAKE_KEY or Bearer FAKE_TOKEN), else 401.
@@ -91,6 +92,7 @@ class _Competitions:
     submission_message: str
     submission_limits: Mapping[str, Any]
     submission_states: list[Mapping[str, Any]]
+    other_submissions: list[Mapping[str, Any]]
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -103,6 +105,7 @@ def serve_competition(
     submission_message: str = "Successfully submitted",
     submission_limits: Mapping[str, Any] | None = None,
     submission_states: Sequence[Mapping[str, Any]] = ({"status": "COMPLETE", "publicScore": "0.12345"},),
+    other_submissions: Sequence[Mapping[str, Any]] = (),
     lifetime_s: float = 300.0,
 ) -> Iterator[tuple[int, list[RecordedRequest]]]:
     """Serve the competitions named in `zip_bytes_by_name`; yields (port, requests received so far).
@@ -116,6 +119,7 @@ def serve_competition(
         submission_message=submission_message,
         submission_limits=dict(submission_limits or DEFAULT_LIMITS),
         submission_states=[dict(state) for state in submission_states],
+        other_submissions=[dict(other) for other in other_submissions],
     )
     handler = type("StandInKaggleHandler", (_Handler,), {"competitions": competitions})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -255,7 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
             states = self.competitions.submission_states
             state = states.pop(0) if len(states) > 1 else states[0]
             listed = {"ref": SUBMISSION_REF, "description": "stand-in submission", **state}
-            self._send_json(200, {"submissions": [listed], "nextPageToken": ""})
+            others = self.competitions.other_submissions
+            self._send_json(200, {"submissions": [listed, *others], "nextPageToken": ""})
         else:
             self._send_json(404, {"code": 404, "message": f"stand-in Kaggle: no method {method}"})
 

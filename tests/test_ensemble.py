@@ -60,3 +60,17 @@ def test_members_on_other_images_or_classes_are_refused():
     other = member("other", confident([True] * 8), classes=("a", "b", "d"))
     with pytest.raises(EnsembleError, match="other and base have different classes"):
         check_compatible([base, other], need_valid=False)
+
+
+def test_a_better_member_gets_the_larger_interior_weight():
+    better = member("better", confident([True, True, True, True, True, True, True, False]))
+    worse = member("worse", confident([False, False, True, True, True, True, True, True]))
+    weights = fit_weights([better, worse])
+    assert 0.5 < weights[0] < 0.95 and weights.sum() == pytest.approx(1.0)
+
+    def loss_at(first_weight: float) -> float:
+        return log_loss(first_weight * better.valid + (1 - first_weight) * worse.valid, TARGETS)
+
+    assert loss_at(weights[0]) < loss_at(0.5) - 1e-3  # fitted beats equal weights
+    assert loss_at(weights[0]) <= min(loss_at(weights[0] + 0.02), loss_at(weights[0] - 0.02))  # a minimum
+    assert loss_at(weights[0]) < min(better.valid_log_loss(), worse.valid_log_loss())

@@ -124,6 +124,19 @@ def test_description_marks_a_dirty_checkout_and_skips_what_is_unknown(project):
     assert description == f"kagglecls | commit {commit}-dirty"
 
 
+def test_a_new_history_row_does_not_make_the_checkout_dirty(project):
+    (project / "submissions").mkdir()
+    (project / "submissions" / "history.csv").write_text(",".join(HISTORY_COLUMNS) + "\n")
+    git("init", "-q", cwd=project)
+    git("add", "params.yaml", "submissions/history.csv", cwd=project)
+    git("commit", "-q", "-m", "params", cwd=project)
+    commit = git("rev-parse", "--short", "HEAD", cwd=project).strip()
+    with open(project / "submissions" / "history.csv", "a") as handle:
+        handle.write("2026-12-01T10:00:00Z,x,1,,,,,pending,,\n")
+    description = submission_description(message="", metrics_path=project / "dvclive" / "missing.json")
+    assert description == f"kagglecls | commit {commit}"
+
+
 @pytest.mark.parametrize(
     ("submission", "message"),
     [
@@ -268,7 +281,7 @@ def history(project: Path) -> list[dict[str, str]]:
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """wait_for_score's pauses, recorded instead of slept."""
     pauses: list[float] = []
-    monkeypatch.setattr(kaggle_io.time, "sleep", pauses.append)
+    monkeypatch.setattr(kaggle_io, "_pause", pauses.append)
     return pauses
 
 
@@ -323,16 +336,16 @@ def test_a_scoring_error_is_one_line_with_kaggles_message(project, monkeypatch, 
     assert (row["status"], row["error"]) == ("error", "Submission has 3 rows, expected 10357")
 
 
-def test_the_wait_gives_up_after_its_bound_and_keeps_the_upload(project, monkeypatch, capsys, no_sleep):
+def test_the_wait_gives_up_after_its_bound_with_a_warning_and_keeps_the_upload(
+    project, monkeypatch, capsys, no_sleep
+):
     with serve_competition({COMPETITION: b""}, submission_states=[{"status": "PENDING"}]) as (port, requests):
         apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
         clock = iter(range(0, 1000, 20))  # each question to Kaggle 20 s after the last
-        monkeypatch.setattr(kaggle_io.time, "monotonic", lambda: float(next(clock)))
-        with pytest.raises(SystemExit) as exit_info:
-            main(["--wait", "--wait-timeout", "60"])
-    assert exit_info.value.code == 2
+        monkeypatch.setattr(kaggle_io, "_now", lambda: float(next(clock)))
+        assert main(["--wait", "--wait-timeout", "60"]) == 0  # the upload went through: nothing to redo
     assert capsys.readouterr().err == (
-        f"kagglecls-submit: error: Kaggle had not scored submission {SUBMISSION_REF} after 60 s; it stays "
+        f"kagglecls-submit: warning: Kaggle had not scored submission {SUBMISSION_REF} after 60 s; it stays "
         "uploaded: `kagglecls submissions` shows its score once Kaggle has it\n"
     )
     assert len(calls(requests, "CreateSubmission")) == 1
@@ -356,7 +369,8 @@ def test_kagglecls_submissions_refreshes_the_history_and_lists_the_others(projec
         f"2026-11-30T10:00:00Z,{COMPETITION},17,abc1233,,0.5,older,complete,0.6,\n"
         "2026-11-30T09:00:00Z,another-competition,18,abc1232,,0.7,elsewhere,complete,0.8,\n"
     )
-    with serve_competition({COMPETITION: b""}) as (port, requests):
+    elsewhere = {"ref": 99, "status": "COMPLETE", "publicScore": "0.7", "description": "from a notebook"}
+    with serve_competition({COMPETITION: b""}, other_submissions=[elsewhere]) as (port, requests):
         apply_kaggle_env(monkeypatch, kaggle_env(port, project.parent))
         assert kagglecls_main(["submissions"]) == 0
 
@@ -375,4 +389,22 @@ def test_kagglecls_submissions_refreshes_the_history_and_lists_the_others(projec
         str(SUBMISSION_REF), "2026-12-01T10:00:00Z", "complete", "0.12345", "0.4321", "abc1234", "exp-a", "lite0"
     ]  # fmt: skip
     assert lines[2].split()[:4] == ["17", "2026-11-30T10:00:00Z", "complete", "0.6"]
-    assert len(lines) == 3  # the other competition's submission is left out
+    # Kaggle's own list adds the one made elsewhere; the other competition's submission is left out.
+    assert lines[3].split()[:3] == ["99", "complete", "0.7"]
+    assert lines[3].endswith("(not in submissions/history.csv) from a notebook")
+    assert len(lines) == 4
+
+
+def test_the_wait_asks_again_after_kaggle_is_briefly_unavailable(tmp_path, monkeypatch, no_sleep):
+    answers = iter([kaggle_io.KaggleUnavailable("Kaggle answered HTTP 503"), []])
+
+    def flaky(*, competition):
+        answer = next(answers, None)
+        if isinstance(answer, Exception):
+            raise answer
+        return [kaggle_io.Scored(ref=7, status="complete", public_score="0.5")] if answer is None else answer
+
+    monkeypatch.setattr(kaggle_io, "list_submissions", flaky)
+    scored = wait_for_score(competition=COMPETITION, ref=7, timeout_s=600)
+    assert (scored.status, scored.public_score) == ("complete", "0.5")
+    assert no_sleep == [5.0, 10.0]  # after the 503, after "not listed yet"

@@ -217,6 +217,32 @@ def test_lr_find_stops_on_divergence_and_restores_model_and_optimizer():
     _assert_same_state(optimizer_before, optimizer.state_dict())
 
 
+def test_lr_find_averages_the_loss_over_ranks_through_torch_compiles_wrapper(tmp_path, monkeypatch):
+    """Under DDP the sweep's losses are all-reduced, also when base.compile wraps the DDP model."""
+    import torch.distributed as dist
+
+    from kagglecls import lr_find as lr_find_module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(_tiny_model(batch_norm=False))
+        reduced = []
+        monkeypatch.setattr(lr_find_module.dist, "all_reduce", lambda tensor: reduced.append(float(tensor)))
+        optimizer = make_optimizer([list(model.parameters())], [1e-2], kind="sgd", weight_decay=0.0)
+        result = lr_find(
+            torch.compile(model, backend="eager"),
+            optimizer,
+            _batches(3),
+            start_lr=1e-4,
+            end_lr=1e-2,
+            num_steps=5,
+            settings=CPU,
+        )
+    finally:
+        dist.destroy_process_group()
+    assert len(result.lrs) == 5 and len(reduced) == 5
+
+
 def test_lr_find_full_sweep_smoothing_and_lr_ratios():
     model = _tiny_model(batch_norm=False)
     model.eval()  # dropout off, so the first loss can be computed by hand

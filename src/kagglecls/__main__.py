@@ -10,7 +10,10 @@ from kagglecls import ensemble, predict, submit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kagglecls", description="Use a model the pipeline trained.")
+    parser = argparse.ArgumentParser(
+        prog="kagglecls",
+        description="Use what the pipeline made: its model, its predictions, its submissions.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     predict.add_arguments(
         commands.add_parser(

@@ -36,21 +36,30 @@ def run_stage(
     arguments = parser.parse_args()
     try:
         params = load_params(arguments.params)
-        if distributed and params.base.nproc > 1 and "LOCAL_RANK" not in os.environ:
-            sys.exit(_under_torchrun(name, params.base.nproc))
+        if distributed and params.base.nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            sys.exit(_under_torchrun(name, params.base.nproc, device=params.base.device))
         body(arguments, params)
     except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
-def _under_torchrun(name: str, nproc: int) -> int:
+def _under_torchrun(name: str, nproc: int, *, device: str) -> int:
     """This stage script again, as `torchrun --standalone --nproc_per_node nproc` would start it; the exit code.
     Launched from here rather than from dvc.yaml's cmd: torchrun's own process costs 3-5 s, paid only when
     there is more than one process to start."""
+    import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    gpus = torch.cuda.device_count() if device != "cpu" else 0
+    if 0 < gpus < nproc:
+        raise UserError(
+            f"base.nproc: {nproc} processes but {gpus} CUDA devices here; at most one process a GPU"
+        )
+    # torchrun would give each process one thread; on a CPU they share the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger(__name__).info("running %s as %d torchrun processes", name, nproc)
     try:
         torchrun(["--standalone", "--nproc_per_node", str(nproc), sys.argv[0], *sys.argv[1:]])
@@ -62,4 +71,7 @@ def _under_torchrun(name: str, nproc: int) -> int:
             file=sys.stderr,
         )
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as error:  # Ctrl-C or a kill: the processes are stopped, no traceback
+        print(f"{name}: stopped by {error.sigval.name}", file=sys.stderr)
+        return 128 + int(error.sigval)
     return 0

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kagglecls.atomic import write_json
 from kagglecls.errors import UserError
+from kagglecls.manifest import read_class_info
 from kagglecls.params import load_params
 from kagglecls.submission import make_submission
 
@@ -136,6 +138,7 @@ def run(arguments: argparse.Namespace) -> int:
             raise EnsembleError("name at least two different experiments")
         members = [read_member(name) for name in arguments.experiments]
         check_compatible(members, need_valid=arguments.weights == "fit")
+        _check_workspace(members[0], arguments.reorganised, arguments.raw)
         weights = (
             fit_weights(members) if arguments.weights == "fit" else np.full(len(members), 1 / len(members))
         )
@@ -157,11 +160,31 @@ def run(arguments: argparse.Namespace) -> int:
     for member, weight in zip(members, weights, strict=True):
         figure = f"valid log loss {member.valid_log_loss():.4f}" if same_valid else "its own valid images"
         print(f"{member.name}: weight {weight:.3f}, {figure}")
+    ensemble = None
     if same_valid:
-        ensemble = log_loss(
-            np.tensordot(weights, np.stack([m.valid for m in members]), axes=1), members[0].targets
-        )
+        stacked = np.stack([member.valid for member in members])
+        ensemble = log_loss(np.tensordot(weights, stacked, axes=1), members[0].targets)
         fitted = " (weights fitted on these images: optimistic)" if arguments.weights == "fit" else ""
         print(f"ensemble: valid log loss {ensemble:.4f}{fitted}")
+    # Beside the submission, for kagglecls-submit's description and submissions/history.csv.
+    names = "+".join(member.name for member in members)
+    summary = {"log_loss": ensemble, "experiments": names, "weights": weights.tolist()}
+    write_json({"ensemble": summary}, arguments.out.with_suffix(".json"))
     print(f"wrote {arguments.out}: kagglecls-submit --submission {arguments.out} --message ...")
     return 0
+
+
+def _check_workspace(member: Member, reorganised: Path, raw: Path) -> None:
+    """The submission is built with the workspace's classes and sample: they must be the members'."""
+    try:
+        classes = tuple(read_class_info(reorganised).classes)
+    except FileNotFoundError:
+        raise EnsembleError(
+            f"{reorganised}/classes.json not found: run `dvc repro` (or `dvc exp apply` one of the experiments) "
+            "first, so the workspace holds the competition the members predicted"
+        ) from None
+    if classes != member.classes or not (raw / "sample_submission.csv").is_file():
+        raise EnsembleError(
+            f"the workspace's competition ({reorganised}, {raw}) is not the one {member.name} predicted "
+            "(other classes, or no sample_submission.csv): check out or `dvc exp apply` one of the members first"
+        )

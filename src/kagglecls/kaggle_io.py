@@ -90,6 +90,10 @@ class ScoreWaitTimeout(KaggleError):
     """Kaggle had not scored the submission when the wait's bound ran out."""
 
 
+class KaggleUnavailable(KaggleError):
+    """No answer, rate limiting or a server error: worth asking again later."""
+
+
 def submit(*, submission_csv: Path, competition: str, message: str) -> Uploaded:
     """Upload `submission_csv` (submit.main has read and validated it) to `competition` with the kaggle
     client."""
@@ -133,24 +137,33 @@ def wait_for_score(
 ) -> Scored:
     """Ask Kaggle about submission `ref` until it is scored (or failed), waiting first_delay_s, then twice as
     long each time up to max_delay_s; ScoreWaitTimeout once `timeout_s` would be passed."""
-    deadline, delay = time.monotonic() + timeout_s, first_delay_s
+    deadline, delay = _now() + timeout_s, first_delay_s
     while True:
-        scored = next((item for item in list_submissions(competition=competition) if item.ref == ref), None)
+        try:
+            listed = list_submissions(competition=competition)
+        except KaggleUnavailable as error:  # a bad minute at Kaggle's end does not end the wait
+            logger.warning("%s", error)
+            listed = []
+        scored = next((item for item in listed if item.ref == ref), None)
         if scored is not None and scored.status != "pending":
             return scored
-        if time.monotonic() + delay > deadline:
+        if _now() + delay > deadline:
             raise ScoreWaitTimeout(
                 f"Kaggle had not scored submission {ref} after {timeout_s:.0f} s; it stays uploaded: "
                 "`kagglecls submissions` shows its score once Kaggle has it"
             )
-        logger.info(
-            "submission %d: %s; asking again in %.0f s",
-            ref,
-            scored.status if scored else "not listed yet",
-            delay,
-        )
-        time.sleep(delay)
+        state = scored.status if scored else "not listed yet"
+        logger.info("submission %d: %s; asking again in %.0f s", ref, state, delay)
+        _pause(delay)
         delay = min(2 * delay, max_delay_s)
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 # ---- the kaggle client ----
@@ -256,12 +269,12 @@ def _client_errors(api: Any, *, competition: str | None, action: str) -> Iterato
     try:
         yield
     except requests.HTTPError as error:
-        raise KaggleError(
-            _redact(_http_message(error, competition=competition or "", task=task), api)
-        ) from None
+        status = error.response.status_code if error.response is not None else None
+        kind = KaggleUnavailable if status is not None and (status == 429 or status >= 500) else KaggleError
+        raise kind(_redact(_http_message(error, competition=competition or "", task=task), api)) from None
     except (requests.ConnectionError, requests.Timeout) as error:
         # str(error) is left out: it can hold a proxy URL with a password in it.
-        raise KaggleError(
+        raise KaggleUnavailable(
             f"cannot reach Kaggle to {task} ({type(error).__name__}); "
             "check the network connection and any proxy settings, then run again"
         ) from None

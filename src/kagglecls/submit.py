@@ -6,21 +6,31 @@ the commit, experiment and valid log loss in its description, record it in submi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
+from kagglecls.atomic import write_csv
 from kagglecls.errors import UserError
-from kagglecls.kaggle_io import KaggleError, Scored, list_submissions, submit, wait_for_score
+from kagglecls.kaggle_io import (
+    KaggleError,
+    Scored,
+    ScoreWaitTimeout,
+    list_submissions,
+    submit,
+    wait_for_score,
+)
 from kagglecls.params import load_params
 from kagglecls.submission import SubmissionError, read_sample_submission, validate_submission
 
@@ -40,7 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=Path, default=Path("data/raw/sample_submission.csv"))
     parser.add_argument("--competition", default=None, help="default: data.competition in --params")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, default=Path("dvclive/predict_tta/metrics.json"))
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="the valid figure's file (default: the submission's .json beside it, written by kagglecls ensemble, "
+        "else dvclive/predict_tta/metrics.json)",
+    )
     parser.add_argument("--message", default="", help="what this submission tries")
     parser.add_argument(
         "--history", type=Path, default=HISTORY, help=f"where submissions are recorded ({HISTORY})"
@@ -54,14 +70,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         competition = args.competition or load_params(args.params).data.competition
         _validate(args.submission, args.sample)
-        provenance = Provenance.of(message=args.message, metrics_path=args.metrics)
+        beside = args.submission.with_suffix(".json")
+        metrics = args.metrics or (beside if beside.is_file() else Path("dvclive/predict_tta/metrics.json"))
+        provenance = Provenance.of(message=args.message, metrics_path=metrics)
         uploaded = submit(
             submission_csv=args.submission, competition=competition, message=provenance.description()
         )
         _append_history(args.history, competition=competition, ref=uploaded.ref, provenance=provenance)
         logger.info("Kaggle says: %s", uploaded.message)
         if args.wait:
-            scored = wait_for_score(competition=competition, ref=uploaded.ref, timeout_s=args.wait_timeout)
+            try:
+                scored = wait_for_score(
+                    competition=competition, ref=uploaded.ref, timeout_s=args.wait_timeout
+                )
+            except ScoreWaitTimeout as timeout:  # the upload went through: nothing to redo
+                print(f"{parser.prog}: warning: {timeout}", file=sys.stderr)
+                return 0
             _update_history(args.history, [scored])
             if scored.status == "error":
                 raise KaggleError(
@@ -84,11 +108,15 @@ class Provenance:
 
     @classmethod
     def of(cls, *, message: str, metrics_path: Path) -> Provenance:
+        """`metrics_path`: predict_tta's metrics.json, or kagglecls ensemble's summary (which names its
+        experiments)."""
+        figures = _figures(metrics_path)
+        log_loss = figures.get("log_loss")
         return cls(
             message=message.strip() or "kagglecls",
             commit=_git_commit(),
-            experiment=os.environ.get("DVC_EXP_NAME"),
-            valid_log_loss=_valid_log_loss(metrics_path),
+            experiment=os.environ.get("DVC_EXP_NAME") or figures.get("experiments"),
+            valid_log_loss=float(log_loss) if isinstance(log_loss, int | float) else None,
         )
 
     def description(self) -> str:
@@ -118,13 +146,16 @@ def _read_history(path: Path) -> list[dict[str, str]]:
 
 
 def _write_history(path: Path, rows: list[dict[str, str]]) -> None:
+    write_csv(rows, path, columns=HISTORY_COLUMNS)
+
+
+@contextlib.contextmanager
+def _history_lock(path: Path) -> Iterator[None]:
+    """One read-modify-write of the history at a time (a `make submit --wait` beside `kagglecls submissions`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({column: row.get(column, "") for column in HISTORY_COLUMNS} for row in rows)
-    partial.replace(path)
+    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _append_history(path: Path, *, competition: str, ref: int, provenance: Provenance) -> None:
@@ -138,24 +169,30 @@ def _append_history(path: Path, *, competition: str, ref: int, provenance: Prove
         "message": provenance.message,
         "status": "pending",
     }
-    _write_history(path, [*_read_history(path), row])
+    with _history_lock(path):
+        _write_history(path, [*_read_history(path), row])
     logger.info("recorded submission %d in %s", ref, path)
 
 
 def _update_history(path: Path, listed: Sequence[Scored]) -> list[dict[str, str]]:
     """The history with status, public score and error taken from Kaggle's list; written back if any changed."""
     by_ref = {str(item.ref): item for item in listed}
-    rows, changed = _read_history(path), False
-    for row in rows:
-        item = by_ref.get(row["ref"])
-        if item is None:
-            continue
-        known = {"status": item.status, "public_score": item.public_score or "", "error": item.error or ""}
-        if any(row.get(key, "") != value for key, value in known.items()):
-            row.update(known)
-            changed = True
-    if changed:
-        _write_history(path, rows)
+    with _history_lock(path):
+        rows, changed = _read_history(path), False
+        for row in rows:
+            item = by_ref.get(row["ref"])
+            if item is None:
+                continue
+            known = {
+                "status": item.status,
+                "public_score": item.public_score or "",
+                "error": item.error or "",
+            }
+            if any(row.get(key, "") != value for key, value in known.items()):
+                row.update(known)
+                changed = True
+        if changed:
+            _write_history(path, rows)
     return rows
 
 
@@ -202,20 +239,28 @@ def run_submissions(arguments: argparse.Namespace) -> int:
 
 
 def _git_commit() -> str | None:
-    """Short hash of HEAD, with -dirty when tracked files differ from it; None outside a git checkout."""
-    command = ["git", "describe", "--always", "--dirty", "--exclude=*"]  # every tag excluded: the hash
+    """Short hash of HEAD, with -dirty when tracked files differ from it (submissions/history.csv aside: it is
+    written by each submission before its row is committed); None outside a git checkout."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+        commit = _git("rev-parse", "--short", "HEAD")
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){HISTORY}")
     except (OSError, subprocess.CalledProcessError):
         return None
+    return f"{commit}-dirty" if changed else commit
 
 
-def _valid_log_loss(metrics_path: Path) -> float | None:
+def _git(*arguments: str) -> str:
+    return subprocess.run(["git", *arguments], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _figures(metrics_path: Path) -> dict:
+    """The "predict_tta" or "ensemble" section of `metrics_path`; {} when there is none."""
     try:
-        value = json.loads(metrics_path.read_text())["predict_tta"]["log_loss"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None
+        data = json.loads(metrics_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    section = data.get("predict_tta", data.get("ensemble")) if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def _validate(submission_csv: Path, sample_csv: Path) -> None:
