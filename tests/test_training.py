@@ -173,6 +173,27 @@ def test_train_one_epoch_smooths_the_training_targets(smoothing):
     assert record["train_loss"] == pytest.approx(expected, rel=1e-6)  # the loss of the step, before it
 
 
+def test_train_one_epoch_with_mixup_mixes_images_and_losses_alike():
+    model = nn.Linear(4, N_CLASSES)
+    ((inputs, targets),) = _batches(1)
+    torch.manual_seed(5)  # what train_one_epoch will draw: lam, then the partner of each item
+    lam = max(float(torch.distributions.Beta(0.4, 0.4).sample()), 0.5)
+    other = torch.randperm(len(targets))
+    outputs = model(lam * inputs + (1 - lam) * inputs[other])
+    cross_entropy = nn.functional.cross_entropy
+    expected = (
+        lam * cross_entropy(outputs, targets) + (1 - lam) * cross_entropy(outputs, targets[other])
+    ).item()
+    assert 0.5 <= lam < 1 and not torch.equal(other, torch.arange(len(targets)))
+    optimizer = make_optimizer([list(model.parameters())], [1e-2], kind="sgd", weight_decay=0.0)
+    torch.manual_seed(5)
+    record = train_one_epoch(
+        model, [(inputs, targets)], optimizer, schedule=Schedule(1, lambda step: 1.0), first_step=0,
+        settings=CPU, mixup=0.4,
+    )  # fmt: skip
+    assert record["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_make_optimizer_drops_empty_groups_and_keeps_peaks():
     model = _tiny_model()
     optimizer = make_optimizer([[], list(model.parameters())], [1e-4, 1e-3], kind="adam", weight_decay=0.01)

@@ -148,6 +148,7 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
         seed=seed,
         snapshot_epochs=snapshots,
         label_smoothing=getattr(fit_params, "label_smoothing", 0.0),
+        mixup=getattr(fit_params, "mixup", 0.0),
     )
 
 

@@ -50,16 +50,29 @@ def train_one_epoch(
     context: DistributedContext = SINGLE_PROCESS,
     description: str = "train",
     label_smoothing: float = 0.0,
+    mixup: float = 0.0,
 ) -> dict[str, float]:
-    """One pass over `loader`; the lr at global step s is each group's peak lr x schedule.factor_at(s)."""
+    """One pass over `loader`; the lr at global step s is each group's peak lr x schedule.factor_at(s). With
+    `mixup` (Beta's alpha), each batch is mixed with itself shuffled, weight lam ~ Beta(alpha, alpha) taken
+    >= 0.5 as fastai's MixUp does, and the loss mixes the two targets' losses the same way."""
     settings.train_mode(model)
     loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    beta = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
     total_loss, total_items, step = 0.0, 0, first_step
     for inputs, targets in tqdm(loader, desc=description, leave=False, disable=not context.is_main):
         set_lr_factor(optimizer, schedule.factor_at(step))
         inputs, targets = settings.move(inputs), targets.to(settings.device, non_blocking=True)
-        with settings.autocast():
-            loss = loss_function(model(inputs), targets)
+        if beta is None:
+            with settings.autocast():
+                loss = loss_function(model(inputs), targets)
+        else:
+            lam = max(float(beta.sample()), 0.5)  # the torch generator fit() seeds each epoch
+            other = torch.randperm(len(targets)).to(settings.device)
+            with settings.autocast():
+                outputs = model(lam * inputs + (1 - lam) * inputs[other])
+                loss = lam * loss_function(outputs, targets) + (1 - lam) * loss_function(
+                    outputs, targets[other]
+                )
         optimizer.zero_grad(set_to_none=True)
         settings.backward_and_step(loss, optimizer)
         total_loss += loss.item() * len(targets)
@@ -111,6 +124,7 @@ class FitPlan:
     # with the weights of the one with the lowest valid log loss. Empty: the last epoch's weights.
     snapshot_epochs: tuple[int, ...] = ()
     label_smoothing: float = 0.0  # of the training loss (nn.CrossEntropyLoss); valid figures never smooth
+    mixup: float = 0.0  # Beta's alpha for mixup of the training batches; 0: off
 
 
 @dataclass(frozen=True)
@@ -190,6 +204,7 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
         context=context,
         description=f"{description} epoch {epoch + 1}/{plan.epochs}",
         label_smoothing=plan.label_smoothing,
+        mixup=plan.mixup,
     )
     first, top_lr = epoch * plan.steps_per_epoch, optimizer.param_groups[-1]["initial_lr"]
     factors = [plan.schedule.factor_at(step) for step in range(first, first + plan.steps_per_epoch)]
