@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kagglecls.ensemble import EnsembleError, Member, check_compatible, fit_weights, log_loss
+from kagglecls.ensemble import EnsembleError, Member, check_compatible, fit_weights
+from kagglecls.training import log_loss
 
 TARGETS = np.array([0, 1, 2, 0, 1, 2, 0, 1])
 

@@ -86,10 +86,15 @@ def compiled(model: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(model) if enabled else model
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's OptimizedModule (`model` itself when it was not compiled)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The Classifier inside torch.compile's and DistributedDataParallel's wrappers: its state_dict's keys are
     the same however it was trained."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    model = uncompiled(model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -21,16 +21,11 @@ from kagglecls.errors import UserError
 from kagglecls.manifest import read_class_info
 from kagglecls.params import load_params
 from kagglecls.submission import make_submission
+from kagglecls.training import log_loss
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "data/predictions/{split}.npz"
-
-
-def log_loss(probabilities: np.ndarray, targets: np.ndarray) -> float:
-    from kagglecls.training import log_loss  # imports torch: only when there is something to score
-
-    return log_loss(probabilities, targets)
 
 
 class EnsembleError(UserError):
@@ -112,12 +107,12 @@ def fit_weights(members: list[Member]) -> np.ndarray:
         return log_loss(np.tensordot(weights / weights.sum(), stacked, axes=1), targets)
 
     fitted = minimize(loss, np.zeros(len(members)), method="L-BFGS-B")
+    own = [member.valid_log_loss() for member in members]
+    best = int(np.argmin(own))
+    if own[best] < fitted.fun:
+        return np.eye(len(members))[best]
     weights = np.exp(fitted.x - fitted.x.max())
-    weights /= weights.sum()
-    best = int(np.argmin([member.valid_log_loss() for member in members]))
-    if members[best].valid_log_loss() < loss(fitted.x):
-        weights = np.eye(len(members))[best]
-    return weights
+    return weights / weights.sum()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

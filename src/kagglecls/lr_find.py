@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kagglecls.device import StepSettings
+from kagglecls.device import StepSettings, uncompiled
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _sweep(model, optimizer, loader, start_lr, end_lr, num_steps, settings, smoo
     loss_function = nn.CrossEntropyLoss()
     # Under DDP every rank must see the same curve, or ranks stop at different steps (a hang) and suggest
     # different lrs (replicas that drift apart).
-    synchronised = isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel)
+    synchronised = isinstance(uncompiled(model), nn.parallel.DistributedDataParallel)
     average, best = 0.0, math.inf
     lrs, losses = [], []
     peak = [group["initial_lr"] for group in optimizer.param_groups]

@@ -166,9 +166,8 @@ class AugmentedFitParams(FitParams):
     # best_cycle_end: the weights at the cycle end (or the start) with the lowest valid log loss; last_epoch
     keep: Literal["best_cycle_end", "last_epoch"] = "best_cycle_end"
     label_smoothing: float = ranged(0.0, "[0, 1)")  # of the training targets: caps the model's confidence
-    mixup: float = ranged(
-        0.0, ">= 0"
-    )  # Beta's alpha for mixing training images and targets (fastai: 0.4); 0: off
+    # Beta's alpha for mixing training images and targets (fastai: 0.4); 0: off
+    mixup: float = ranged(0.0, ">= 0")
 
 
 @dataclass(frozen=True)
