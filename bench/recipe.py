@@ -92,6 +92,8 @@ class RunRecord:
     error: str | None = None
     test: dict | None = None  # the submission scored: kind, log_loss, accuracy, n
     baseline: dict | None = None
+    # With cv.folds k > 1, test log loss of fold 1's model alone and of the folds' two ensembles (cv.ensemble)
+    folds: dict | None = None
     problems: list[str] = field(default_factory=list)  # figures that could not be computed, and why
 
     @property
@@ -310,11 +312,40 @@ def score_run(
             )
         except ScoringError as error:
             record.problems.append(str(error))
-    if (copy / "data" / "features" / "test.npy").is_file():
+    predictions = copy / "data" / "predictions" / "test.npz"
+    if predictions.is_file():
+        record.folds = fold_ensembles(predictions, prepared, test_labels)
+    # The baseline fits on train and is judged on valid: there is no valid.npy with cv.folds > 1.
+    if all((copy / "data" / "features" / f"{name}.npy").is_file() for name in ("test", "valid")):
         try:
             record.baseline = logistic_baseline(copy, test_labels=test_labels, seed=record.seed)
         except ScoringError as error:
             record.problems.append(str(error))
+
+
+def fold_ensembles(
+    predictions: Path, prepared: suite.Prepared, test_labels: Mapping[str, str]
+) -> dict | None:
+    """For a k-fold run (predict_tta saved each fold's test probabilities): the test log loss of fold 1's model
+    alone, of the mean of the folds' probabilities and of the softmax of the mean of their logs."""
+    from kagglecls.competition import load_competition
+    from kagglecls.predict import combine_folds
+
+    saved = np.load(predictions)
+    if "folds" not in saved:
+        return None
+    classes = load_competition(prepared.competition_dir).classes
+    truth = np.array([classes.index(test_labels[item]) for item in saved["ids"]])
+    folds = saved["folds"]
+    return {
+        "folds": len(folds),
+        "fold1_log_loss": multiclass_log_loss(folds[0], truth),
+        "mean_fold_log_loss": float(np.mean([multiclass_log_loss(fold, truth) for fold in folds])),
+        **{
+            f"{how}_log_loss": multiclass_log_loss(combine_folds(list(folds), how), truth)
+            for how in ("probabilities", "logits")
+        },
+    }
 
 
 def differing_files(first: Path, second: Path) -> list[str]:
@@ -393,6 +424,10 @@ def summarise(entry: suite.SuiteCompetition, records: Sequence[RunRecord]) -> di
             for key in ("valid_log_loss", "valid_accuracy", "test_log_loss", "test_accuracy", "fit_seconds")
         },
         "repro_seconds": spread([record.wall_seconds for record in records if record.returncode == 0]),
+        "folds": {
+            key: spread([record.folds[key] for record in records if record.folds])
+            for key in ("fold1_log_loss", "mean_fold_log_loss", "probabilities_log_loss", "logits_log_loss")
+        },
     }
 
 

@@ -2,8 +2,8 @@
 
 Saves a checkpoint each epoch; a rerun after an interruption resumes from it.
 Run by DVC: `python stages/finetune.py --reorganised data/reorganised --cache data/cache
---input models/augmented.pt --model models/finetune.pt --checkpoint models/checkpoints/finetune.pt
---live dvclive/finetune`. With base.nproc > 1 it runs as that many torchrun
+--input models/augmented.pt --input-folds models/folds/augmented --model models/finetune.pt
+--checkpoint models/checkpoints/finetune.pt --live dvclive/finetune --folds models/folds/finetune`. With base.nproc > 1 it runs as that many torchrun
 processes (DistributedDataParallel).
 """
 
@@ -18,21 +18,30 @@ def main() -> None:
     parser.add_argument("--reorganised", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--input", type=Path, required=True)
+    parser.add_argument("--input-folds", type=Path, required=True, help="train_augmented's folds 2..k")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
+    parser.add_argument(
+        "--folds",
+        type=Path,
+        required=True,
+        help="folds 2..k's models and dvclive folders, with cv.folds k > 1",
+    )
 
     def body(arguments, params) -> None:
         outputs = fitting.StageOutputs(
             model=arguments.model,
             live=arguments.live,
             checkpoint=arguments.checkpoint,
+            folds=arguments.folds,
         )
         fitting.finetune(
             params=params,
             reorganised=arguments.reorganised,
             cache_dir=arguments.cache,
             model_path=arguments.input,
+            model_folds=arguments.input_folds,
             outputs=outputs,
         )
 

@@ -1,7 +1,8 @@
-"""Stage predict_tta: TTA on valid (metrics, confusion matrix, top losses) and on test (probabilities).
+"""Stage predict_tta: TTA on valid (metrics, confusion matrix, top losses) and on test (probabilities); with
+cv.folds k > 1, each fold's model on the images it held out (the CV figures) and on test (averaged).
 
 Run by DVC: `python stages/predict_tta.py --reorganised data/reorganised --cache data/cache
---model models/finetune.pt --live dvclive/predict_tta
+--model models/finetune.pt --model-folds models/folds/finetune --live dvclive/predict_tta
 --predictions data/predictions/test.npz --valid-predictions data/predictions/valid.npz`.
 """
 
@@ -16,6 +17,7 @@ def main() -> None:
     parser.add_argument("--reorganised", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model-folds", type=Path, required=True, help="finetune's folds 2..k")
     parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
     parser.add_argument("--predictions", type=Path, required=True, help="test probabilities (.npz)")
     parser.add_argument(
@@ -28,6 +30,7 @@ def main() -> None:
             reorganised=arguments.reorganised,
             cache_dir=arguments.cache,
             model_path=arguments.model,
+            model_folds=arguments.model_folds,
             live_dir=arguments.live,
             predictions=arguments.predictions,
             valid_predictions=arguments.valid_predictions,

@@ -1,7 +1,7 @@
 """Stage train_head: lr_find, then the new head trained on the precomputed activations.
 
 Run by DVC: `python stages/train_head.py --reorganised data/reorganised --features data/features
---model models/head.pt --live dvclive/train_head`.
+--model models/head.pt --live dvclive/train_head --folds models/folds/head`.
 """
 
 from pathlib import Path
@@ -16,9 +16,15 @@ def main() -> None:
     parser.add_argument("--features", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True, help="dvclive's folder: metrics and plots")
+    parser.add_argument(
+        "--folds",
+        type=Path,
+        required=True,
+        help="folds 2..k's models and dvclive folders, with cv.folds k > 1",
+    )
 
     def body(arguments, params) -> None:
-        outputs = fitting.StageOutputs(model=arguments.model, live=arguments.live)
+        outputs = fitting.StageOutputs(model=arguments.model, live=arguments.live, folds=arguments.folds)
         fitting.train_head(
             params=params, reorganised=arguments.reorganised, features_dir=arguments.features, outputs=outputs
         )

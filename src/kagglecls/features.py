@@ -14,6 +14,7 @@ from kagglecls.atomic import building_folder, write_file, write_json
 from kagglecls.data import EvalPreset
 from kagglecls.device import StepSettings, pick_device, seed_everything
 from kagglecls.loading import (
+    Split,
     build_model,
     image_loader,
     load_splits,
@@ -55,12 +56,18 @@ class FeatureBatches:
     from the array (far cheaper than one row at a time), shuffled per epoch."""
 
     def __init__(
-        self, path: Path, labels: np.ndarray | None, *, batch_size: int, shuffle: bool, seed: int
+        self,
+        features: Path | np.ndarray,
+        labels: np.ndarray | None,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
     ) -> None:
-        self.features = np.load(path, mmap_mode="r")
+        self.features = np.load(features, mmap_mode="r") if isinstance(features, Path) else features
         self.labels = labels if labels is not None else np.full(len(self.features), -1, dtype=np.int64)
         if len(self.labels) != len(self.features):
-            raise ValueError(f"{path}: {len(self.features)} rows but {len(self.labels)} labels")
+            raise ValueError(f"{features}: {len(self.features)} rows but {len(self.labels)} labels")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         # Training drops a last batch of one: BatchNorm cannot train on a single row.
         self.drop_last = shuffle and len(self.features) % batch_size == 1
@@ -88,11 +95,19 @@ class FeatureBatches:
             yield inputs, torch.from_numpy(self.labels[indices].astype(np.int64))
 
 
+def split_features(features_dir: Path, split: Split) -> np.ndarray:
+    """The split's rows of precompute's activations: the whole array memory-mapped, or a fold's rows of it."""
+    array = np.load(features_dir / f"{split.source}.npy", mmap_mode="r")
+    if len(array) == len(split.positions):  # positions are ascending and distinct: all the rows, in order
+        return array
+    return array[split.positions]
+
+
 def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: Path) -> None:
     """Activations of the frozen pretrained body (eval transforms: no augmentation) for train, valid and test."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
-    splits, classes = load_splits(reorganised)
+    splits, classes = load_splits(reorganised, fold=None)
     settings = step_settings(params, device)
     model = to_device(build_model(params, len(classes), pretrained=params.model.pretrained), settings)
     size = params.base.image_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kagglecls import logistic
+from kagglecls.atomic import write_json
 from kagglecls.checkpoints import fingerprint_of, save_atomic
 from kagglecls.device import (
     DistributedContext,
@@ -26,9 +27,11 @@ from kagglecls.device import (
     seed_everything,
     wrap_distributed,
 )
-from kagglecls.features import FeatureBatches
+from kagglecls.features import FeatureBatches, split_features
 from kagglecls.loading import (
+    Split,
     build_model,
+    fold_count,
     image_loader,
     load_classifier,
     load_splits,
@@ -84,6 +87,47 @@ class StageOutputs:
     model: Path
     live: Path  # dvclive's folder: the stage's metrics and plots
     checkpoint: Path | None = None
+    folds: Path | None = None  # with cv.folds k > 1, folds 2..k's models and dvclive folders
+
+    def of_fold(self, fold: int) -> StageOutputs:
+        """Fold 1's outputs are the stage's own (with one split, its only ones); fold k's model is
+        <folds>/fold<k>.pt, its dvclive folder <folds>/fold<k>/."""
+        if fold == 1:
+            return self
+        checkpoint = self.checkpoint and self.checkpoint.with_name(
+            f"{self.checkpoint.stem}_fold{fold}{self.checkpoint.suffix}"
+        )
+        return StageOutputs(
+            model=self.folds / f"fold{fold}.pt", live=self.folds / f"fold{fold}", checkpoint=checkpoint
+        )
+
+
+def each_fold(
+    stage: str,
+    reorganised: Path,
+    outputs: StageOutputs,
+    train_fold: Callable[[int, StageOutputs], dict | None],
+) -> None:
+    """`train_fold(fold, its outputs)` for each fold reorganise made; it returns the fold's summary figures
+    (None on torchrun's other ranks). With k > 1 folds the stage's metrics.json holds their mean, and
+    <folds>/folds.json each fold's."""
+    folds = fold_count(reorganised)
+    if outputs.folds is not None:
+        outputs.folds.mkdir(parents=True, exist_ok=True)  # a DVC output, empty with one split
+    figures = []
+    for fold in range(1, folds + 1):
+        if folds > 1:
+            log.info("%s: fold %d of %d", stage, fold, folds)
+        figures.append(train_fold(fold, outputs.of_fold(fold)))
+    if folds == 1 or figures[0] is None:
+        return
+    mean = {name: float(np.mean([each[name] for each in figures])) for name in figures[0]}
+    write_json({stage: {**mean, "folds": folds}}, outputs.live / "metrics.json")
+    write_json(
+        {"folds": [{"fold": fold, **each} for fold, each in enumerate(figures, 1)]},
+        outputs.folds / "folds.json",
+    )
+    log.info("%s: mean valid log loss over %d folds %.4f", stage, folds, mean["log_loss"])
 
 
 def choose_lr(
@@ -152,33 +196,46 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
     )
 
 
-def summarise_stage(live: StageLive, history: list[dict], *, kept: dict | None = None, **extra) -> None:
-    """The stage's summary: the valid figures of the weights it hands on (`kept`: a kept snapshot's record,
-    its epoch `kept_epoch`; else the last epoch's), the last epoch's train loss, and `extra`."""
+def summarise_stage(live: StageLive, history: list[dict], *, kept: dict | None = None, **extra) -> dict:
+    """The stage's summary, returned: the valid figures of the weights it hands on (`kept`: a kept snapshot's
+    record, its epoch `kept_epoch`; else the last epoch's), the last epoch's train loss, and `extra`."""
     chosen = kept or history[-1]
-    live.summarise(
-        log_loss=chosen["valid_log_loss"],
-        accuracy=chosen["valid_accuracy"],
-        train_loss=history[-1]["train_loss"],
+    figures = {
+        "log_loss": chosen["valid_log_loss"],
+        "accuracy": chosen["valid_accuracy"],
+        "train_loss": history[-1]["train_loss"],
         **({"kept_epoch": kept["epoch"]} if kept else {}),
         **extra,
-    )
+    }
+    live.summarise(**figures)
     live.end()
     log.info("valid log loss %.4f, accuracy %.4f", chosen["valid_log_loss"], chosen["valid_accuracy"])
+    return figures
 
 
 def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs: StageOutputs) -> None:
-    """The head trained on the precomputed activations (precompute=True in fastai): by default a logistic
-    regression fitted full-batch (logistic.py), or, with `method: epochs`, lr_find then SGDR epochs."""
+    """The head trained on the precomputed activations (precompute=True in fastai), once per fold: by default
+    a logistic regression fitted full-batch (logistic.py), or, with `method: epochs`, lr_find then SGDR."""
+    each_fold(
+        "train_head",
+        reorganised,
+        outputs,
+        partial(_train_head_fold, params=params, reorganised=reorganised, features_dir=features_dir),
+    )
+
+
+def _train_head_fold(
+    fold: int, outputs: StageOutputs, *, params: Params, reorganised: Path, features_dir: Path
+) -> dict:
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
     live = StageLive("train_head", outputs.live)
-    splits, classes = load_splits(reorganised)
+    splits, classes = load_splits(reorganised, fold)
     model = build_model(params, len(classes), pretrained=False)
     head = model.head.to(device)
     settings = StepSettings(device=device)
     valid_loader = FeatureBatches(
-        features_dir / "valid.npy",
+        split_features(features_dir, splits["valid"]),
         splits["valid"].labels,
         batch_size=256,
         shuffle=False,
@@ -187,7 +244,7 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
     if params.train_head.method == "lbfgs":
         extra = fit_linear_head(
             head,
-            np.load(features_dir / "train.npy", mmap_mode="r"),
+            split_features(features_dir, splits["train"]),
             splits["train"].labels,
             n_classes=len(classes),
             fit_params=params.train_head,
@@ -204,7 +261,7 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
     else:
         history, extra = _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, live)
     save_atomic({"head": head.state_dict(), "classes": classes}, outputs.model)
-    summarise_stage(live, history, **extra)
+    return summarise_stage(live, history, **extra)
 
 
 @torch.no_grad()
@@ -245,11 +302,11 @@ def fit_linear_head(
     return {"train_loss": train_loss, "l2_used": fitted.l2}
 
 
-def _training_features(params: Params, fit_params: FitParams, features_dir: Path, labels: np.ndarray):
+def _training_features(params: Params, fit_params: FitParams, features_dir: Path, train: Split):
     """Shuffled mini-batches of the training activations, at the stage's batch size."""
     return FeatureBatches(
-        features_dir / "train.npy",
-        labels,
+        split_features(features_dir, train),
+        train.labels,
         batch_size=fit_params.batch_size or params.base.batch_size,
         shuffle=True,
         seed=params.base.seed,
@@ -259,7 +316,7 @@ def _training_features(params: Params, fit_params: FitParams, features_dir: Path
 def _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, live: StageLive):
     """fastai's way: lr_find on the activations, then SGDR epochs of mini-batches."""
     fit_params = params.train_head
-    train_loader = _training_features(params, fit_params, features_dir, splits["train"].labels)
+    train_loader = _training_features(params, fit_params, features_dir, splits["train"])
     optimizer = make_optimizer(
         [list(head.parameters())], [1.0], kind=fit_params.optimizer, weight_decay=fit_params.weight_decay
     )
@@ -296,9 +353,31 @@ def train_augmented(
     features_dir: Path,
     head_path: Path,
     outputs: StageOutputs,
+    head_folds: Path | None = None,
 ) -> None:
-    """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len.
-    With lr auto and frozen_bn eval, lr_find sweeps a fresh head on the activations, as fastai 0.7's lesson
+    """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len,
+    once per fold from that fold's head (`head_path`, or head_folds/fold<k>.pt)."""
+
+    def train_fold(fold: int, fold_outputs: StageOutputs) -> dict | None:
+        head = head_path if fold == 1 else head_folds / f"fold{fold}.pt"
+        return _train_augmented_fold(
+            params, fold, reorganised, cache_dir, features_dir, head_path=head, outputs=fold_outputs
+        )
+
+    each_fold("train_augmented", reorganised, outputs, train_fold)
+
+
+def _train_augmented_fold(
+    params: Params,
+    fold: int,
+    reorganised: Path,
+    cache_dir: Path,
+    features_dir: Path,
+    *,
+    head_path: Path,
+    outputs: StageOutputs,
+) -> dict | None:
+    """With lr auto and frozen_bn eval, lr_find sweeps a fresh head on the activations, as fastai 0.7's lesson
     did."""
     fit_params = params.train_augmented
     seed_everything(params.base.seed)  # before the sweep's fresh head is initialised
@@ -306,17 +385,18 @@ def train_augmented(
     freeze_to(model, -1, frozen_bn=params.model.frozen_bn)
     sweep = None
     if fit_params.lr == "auto" and params.model.frozen_bn == "eval":
-        splits, _ = load_splits(reorganised)
-        features = _training_features(params, fit_params, features_dir, splits["train"].labels)
+        splits, _ = load_splits(reorganised, fold)
+        features = _training_features(params, fit_params, features_dir, splits["train"])
         fresh_head = copy.deepcopy(model.head)
         for module in fresh_head.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         sweep = HeadSweep(head=fresh_head, loader=features)
-    _fit_images(
+    return _fit_images(
         params,
         fit_params,
         model,
+        fold=fold,
         reorganised=reorganised,
         cache_dir=cache_dir,
         outputs=outputs,
@@ -330,25 +410,38 @@ def train_augmented(
 
 
 def finetune(
-    *, params: Params, reorganised: Path, cache_dir: Path, model_path: Path, outputs: StageOutputs
+    *,
+    params: Params,
+    reorganised: Path,
+    cache_dir: Path,
+    model_path: Path,
+    outputs: StageOutputs,
+    model_folds: Path | None = None,
 ) -> None:
-    """Unfreeze; differential lrs over the layer groups; SGDR with cycle_mult; one run per size (progressive)."""
+    """Unfreeze; differential lrs over the layer groups; SGDR with cycle_mult; one run per size (progressive);
+    once per fold from that fold's model (`model_path`, or model_folds/fold<k>.pt)."""
     fit_params = params.finetune
-    model, _ = load_classifier(params, head_path=model_path, weights_key="model")
-    unfreeze(model)
-    _fit_images(
-        params,
-        fit_params,
-        model,
-        reorganised=reorganised,
-        cache_dir=cache_dir,
-        outputs=outputs,
-        sizes=list(fit_params.sizes),
-        lr_ratio=fit_params.lr_ratio,
-        bn_statistics=fit_params.bn_statistics,
-        stage="finetune",
-        inputs=[model_path],
-    )
+
+    def train_fold(fold: int, fold_outputs: StageOutputs) -> dict | None:
+        start = model_path if fold == 1 else model_folds / f"fold{fold}.pt"
+        model, _ = load_classifier(params, head_path=start, weights_key="model")
+        unfreeze(model)
+        return _fit_images(
+            params,
+            fit_params,
+            model,
+            fold=fold,
+            reorganised=reorganised,
+            cache_dir=cache_dir,
+            outputs=fold_outputs,
+            sizes=list(fit_params.sizes),
+            lr_ratio=fit_params.lr_ratio,
+            bn_statistics=fit_params.bn_statistics,
+            stage="finetune",
+            inputs=[start],
+        )
+
+    each_fold("finetune", reorganised, outputs, train_fold)
 
 
 def _fit_images(
@@ -356,6 +449,7 @@ def _fit_images(
     fit_params: AugmentedFitParams,
     model: Classifier,
     *,
+    fold: int,
     reorganised: Path,
     cache_dir: Path,
     outputs: StageOutputs,
@@ -365,11 +459,12 @@ def _fit_images(
     stage: str,
     inputs: Sequence[Path],
     sweep: HeadSweep | None = None,
-) -> None:
+) -> dict | None:
+    """Fit one fold; its summary figures (None on torchrun's other ranks)."""
     seed_everything(params.base.seed)
     context = init_distributed(params.base.device)
     device = pick_device(params.base.device, context)
-    splits, classes = load_splits(reorganised)
+    splits, classes = load_splits(reorganised, fold)
     settings = step_settings(params, device, model, bn_statistics=bn_statistics)
     model = to_device(model, settings)
     trained = compiled(wrap_distributed(model, context, device), params.base.compile)
@@ -399,6 +494,7 @@ def _fit_images(
         fingerprint = fingerprint_of(
             stage,
             asdict(params),
+            fold,
             size,
             [file_md5(path) for path in inputs],
             file_md5(reorganised / "manifest.csv"),
@@ -432,19 +528,21 @@ def _fit_images(
         if checkpoint is not None:
             checkpoints.append(checkpoint)
             inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
-    if context.is_main:
-        save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
-        log.info("%s: lrs %s (%s)", stage, ", ".join(f"{lr:.3g}" for lr in lrs[-1]), lr_source)
-        summarise_stage(
-            live,
-            histories,
-            kept=kept if fit_params.keep == "best_cycle_end" else None,
-            lr_used=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
-        )
-        # A checkpoint only serves to resume an interrupted run: once the stage is done, none is left to be
-        # mistaken for this run's result by a later one.
-        for path in checkpoints:
-            path.unlink(missing_ok=True)
+    if not context.is_main:
+        return None
+    save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
+    log.info("%s: lrs %s (%s)", stage, ", ".join(f"{lr:.3g}" for lr in lrs[-1]), lr_source)
+    figures = summarise_stage(
+        live,
+        histories,
+        kept=kept if fit_params.keep == "best_cycle_end" else None,
+        lr_used=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
+    )
+    # A checkpoint only serves to resume an interrupted run: once the fold is done, none is left to be
+    # mistaken for this run's result by a later one.
+    for path in checkpoints:
+        path.unlink(missing_ok=True)
+    return figures
 
 
 def _differential_optimizer(

@@ -37,18 +37,39 @@ from kagglecls.params import AugmentedFitParams, Params
 class Split:
     rows: list[ManifestRow]
     labels: np.ndarray  # class index per row; -1 for test
+    # Where precompute put these rows' activations: rows `positions` of data/features/<source>.npy.
+    source: str = ""
+    positions: np.ndarray | None = None
 
 
-def load_splits(reorganised: Path) -> tuple[dict[str, Split], list[str]]:
+def load_splits(reorganised: Path, fold: int | None = 1) -> tuple[dict[str, Split], list[str]]:
+    """Train, valid and test of `fold`: valid is the labelled images the fold holds out (with one split, the
+    valid folder), train the other labelled images. Each keeps its rows' place in precompute's arrays, which
+    hold the manifest's train, valid and test rows in order (`fold` None: those three, as they are)."""
     classes = read_class_info(reorganised).classes
     index = {name: position for position, name in enumerate(classes)}
-    rows = read_manifest(reorganised / "manifest.csv")
-    splits = {}
-    for name in ("train", "valid", "test"):
-        chosen = [row for row in rows if row.split == name and row.file]
+    rows = [row for row in read_manifest(reorganised / "manifest.csv") if row.file]
+    stored = {name: [row for row in rows if row.split == name] for name in ("train", "valid", "test")}
+
+    def taken(source: str, keep) -> Split:
+        positions = [position for position, row in enumerate(stored[source]) if keep(row)]
+        chosen = [stored[source][position] for position in positions]
         labels = np.array([index[row.label] if row.label else -1 for row in chosen], dtype=np.int64)
-        splits[name] = Split(chosen, labels)
+        return Split(chosen, labels, source, np.array(positions, dtype=np.int64))
+
+    if fold is None:
+        return {name: taken(name, lambda row: True) for name in stored}, classes
+    splits = {
+        "train": taken("train", lambda row: row.fold != fold),
+        "valid": taken("valid" if stored["valid"] else "train", lambda row: row.fold == fold),
+        "test": taken("test", lambda row: True),
+    }
     return splits, classes
+
+
+def fold_count(reorganised: Path) -> int:
+    """The folds reorganise made (cv.folds): 1 for one train/valid split."""
+    return max([1, *(row.fold for row in read_manifest(reorganised / "manifest.csv"))])
 
 
 def step_settings(

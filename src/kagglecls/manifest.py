@@ -1,4 +1,4 @@
-"""The manifest the stages share, the class list and the train/valid split. Imports no torch, so the stages
+"""The manifest the stages share, the class list, and the train/valid split or the cross-validation folds. Imports no torch, so the stages
 that only move files (download, reorganise, size_histogram, submission) start fast."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from kagglecls.atomic import write_csv
 from kagglecls.errors import UserError
 
-MANIFEST_COLUMNS = ("file", "label", "split", "id", "md5", "width", "height")
+MANIFEST_COLUMNS = ("file", "label", "split", "id", "md5", "width", "height", "fold")
 
 
 class DataError(UserError, ValueError):
@@ -30,6 +30,9 @@ class ManifestRow:
     md5: str
     width: int  # px, 0 when there is no readable image
     height: int
+    # The fold whose model holds this image out and predicts it: 1..cv.folds for labelled images (with one
+    # split, the valid images are fold 1's and the train images 0), 0 for test rows.
+    fold: int = 0
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
@@ -40,7 +43,14 @@ def read_manifest(path: Path) -> list[ManifestRow]:
                 f"{path}: expected columns {','.join(MANIFEST_COLUMNS)}, found {reader.fieldnames}"
             )
         return [
-            ManifestRow(**{**row, "width": int(row["width"] or 0), "height": int(row["height"] or 0)})
+            ManifestRow(
+                **{
+                    **row,
+                    "width": int(row["width"] or 0),
+                    "height": int(row["height"] or 0),
+                    "fold": int(row["fold"] or 0),
+                }
+            )
             for row in reader
         ]
 
@@ -76,6 +86,29 @@ def stratified_split(labels: Sequence[str], *, valid_pct: float, seed: int) -> l
         for index in indices[:n_valid]:
             splits[index] = "valid"
     return splits
+
+
+def stratified_folds(labels: Sequence[str], *, folds: int, seed: int) -> list[int]:
+    """The fold (1..folds) holding out each item: each class shuffled and dealt round the folds in turn, each
+    class starting where the last one stopped, so every fold has its share of each class and the folds' sizes
+    differ by at most one."""
+    if folds > len(labels):
+        raise DataError(f"cv.folds: {folds} folds but only {len(labels)} training images")
+    generator = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    assigned = [0] * len(labels)
+    dealt = 0
+    for label in sorted(by_class):
+        indices = by_class[label]
+        if len(indices) < 2:
+            raise DataError(f"class {label!r} has {len(indices)} image; at least 2 are needed to split")
+        generator.shuffle(indices)
+        for index in indices:
+            assigned[index] = dealt % folds + 1
+            dealt += 1
+    return assigned
 
 
 def file_md5(path: Path) -> str:

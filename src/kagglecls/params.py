@@ -116,6 +116,12 @@ class ModelParams(_Section):
 
 
 @dataclass(frozen=True)
+class CvParams(_Section):
+    folds: int = ranged(1, ">= 1")  # 1: one train/valid split (data.valid_pct); k: stratified k-fold
+    ensemble: Literal["probabilities", "logits"] = "probabilities"  # the folds' test predictions: mean of
+
+
+@dataclass(frozen=True)
 class PrecomputeParams(_Section):
     batch_size: int = ranged(128, ">= 1")
 
@@ -198,6 +204,7 @@ class Params:
     base: BaseParams = field(default_factory=BaseParams)
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
+    cv: CvParams = field(default_factory=CvParams)
     precompute: PrecomputeParams = field(default_factory=PrecomputeParams)
     train_head: HeadParams = field(default_factory=HeadParams)
     train_augmented: AugmentedFitParams = field(default_factory=AugmentedFitParams)

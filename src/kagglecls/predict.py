@@ -24,6 +24,8 @@ from kagglecls.device import StepSettings, pick_device, seed_everything
 from kagglecls.errors import UserError
 from kagglecls.export import ExportInfo, load_export
 from kagglecls.loading import (
+    Split,
+    fold_count,
     image_loader,
     load_classifier,
     load_splits,
@@ -50,32 +52,58 @@ def predict_tta(
     live_dir: Path,
     predictions: Path,
     valid_predictions: Path | None = None,
+    model_folds: Path | None = None,
 ) -> None:
-    """TTA on valid (metrics, confusion matrix, most confused pairs, top losses, in dvclive's folder
-    `live_dir`; the probabilities in `valid_predictions`, for `kagglecls ensemble`) and on test (class
-    probabilities in `predictions`)."""
+    """TTA of each fold's model (`model_path`, or model_folds/fold<k>.pt) on the images it held out, and on
+    test. The held-out predictions give the metrics (with k > 1 folds: out-of-fold, the CV figures over every
+    labelled image), confusion matrix, most confused pairs and top losses, in dvclive's folder `live_dir`, and
+    their probabilities in `valid_predictions`, for `kagglecls ensemble`. The folds' test probabilities,
+    combined as cv.ensemble says, go to `predictions`."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
     live = StageLive("predict_tta", live_dir)
-    splits, classes = load_splits(reorganised)
-    model, _ = load_classifier(params, head_path=model_path, weights_key="model")
     settings = step_settings(params, device)
-    model = to_device(model, settings)
     size = params.finetune.sizes[-1]
-    valid, valid_plain = _tta(
-        params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings
+    folds = fold_count(reorganised)
+    held_out, tta, plain, test_folds = [], [], [], []
+    for fold in range(1, folds + 1):
+        splits, classes = load_splits(reorganised, fold)
+        path = model_path if fold == 1 else model_folds / f"fold{fold}.pt"
+        model, _ = load_classifier(params, head_path=path, weights_key="model")
+        model = to_device(model, settings)
+        valid, valid_plain = _tta(
+            params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings
+        )
+        held_out.append(splits["valid"])
+        tta.append(valid)
+        plain.append(valid_plain)
+        test = splits["test"]
+        if test.rows:
+            test_folds.append(
+                _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
+            )
+        else:
+            test_folds.append(np.zeros((0, len(classes))))
+        if folds > 1:
+            log.info(
+                "predict_tta: fold %d valid log loss %.4f (TTA)", fold, log_loss(valid, held_out[-1].labels)
+            )
+    held = Split(
+        [row for split in held_out for row in split.rows],
+        np.concatenate([split.labels for split in held_out]),
     )
-    targets = splits["valid"].labels
+    valid, valid_plain, targets = np.concatenate(tta), np.concatenate(plain), held.labels
     report = {
         "log_loss": log_loss(valid, targets),
         "accuracy": accuracy(valid, targets),
         "log_loss_no_tta": log_loss(valid_plain, targets),
         "accuracy_no_tta": accuracy(valid_plain, targets),
+        **({"folds": folds} if folds > 1 else {}),
     }
-    _interpret(params, valid, splits["valid"], classes, reorganised, live)
+    _interpret(params, valid, held, classes, reorganised, live)
     if valid_predictions is not None:
         with write_file(valid_predictions) as temporary:
-            ids = np.array([row.id for row in splits["valid"].rows], dtype=str)
+            ids = np.array([row.id for row in held.rows], dtype=str)
             classes_array = np.array(classes, dtype=str)
             np.savez(
                 temporary,
@@ -86,21 +114,34 @@ def predict_tta(
             )
     live.summarise(**report)
     live.end()
-    test = splits["test"]
-    test_probabilities = (
-        _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
-        if test.rows
-        else np.zeros((0, len(classes)))
-    )
     with write_file(predictions) as temporary:
-        ids = np.array([row.id for row in test.rows], dtype=str)
-        np.savez(temporary, ids=ids, probabilities=test_probabilities.astype(np.float64))
+        ids = np.array([row.id for row in splits["test"].rows], dtype=str)
+        np.savez(
+            temporary,
+            ids=ids,
+            probabilities=combine_folds(test_folds, params.cv.ensemble).astype(np.float64),
+            **({"folds": np.stack(test_folds)} if folds > 1 else {}),  # each fold's, to compare ensembles
+        )
     log.info(
-        "predict_tta: valid log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
+        "predict_tta: %s log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
+        f"out-of-fold ({folds} folds)" if folds > 1 else "valid",
         report["log_loss"],
         report["accuracy"],
         params.predict_tta.n_aug,
     )
+
+
+def combine_folds(probabilities: Sequence[np.ndarray], how: str) -> np.ndarray:
+    """The folds' models' test probabilities combined (cv.ensemble): their mean, or the softmax of the mean
+    of their logs (`logits`: a geometric mean, renormalised; the same as averaging logits)."""
+    if len(probabilities) == 1:
+        return probabilities[0]
+    stacked = np.stack(probabilities)
+    if how == "probabilities":
+        return stacked.mean(axis=0)
+    mean_log = np.log(np.clip(stacked, 1e-15, None)).mean(axis=0)
+    combined = np.exp(mean_log - mean_log.max(axis=1, keepdims=True))
+    return combined / combined.sum(axis=1, keepdims=True)
 
 
 def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:

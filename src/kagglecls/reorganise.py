@@ -1,5 +1,6 @@
 """Stage reorganise: Kaggle's files to class folders train/<class>/, valid/<class>/ and test/, a manifest, the
-class list and a report of unreadable images, built in a temporary folder and moved into place whole."""
+class list and a report of unreadable images, built in a temporary folder and moved into place whole. With
+cv.folds k > 1 every labelled image goes to train/<class>/ and the manifest gives each its fold."""
 
 from __future__ import annotations
 
@@ -11,14 +12,23 @@ from pathlib import Path
 
 from kagglecls import competition, images
 from kagglecls.atomic import building_folder, write_json
-from kagglecls.manifest import ClassInfo, DataError, ManifestRow, file_md5, stratified_split, write_manifest
+from kagglecls.manifest import (
+    ClassInfo,
+    DataError,
+    ManifestRow,
+    file_md5,
+    stratified_folds,
+    stratified_split,
+    write_manifest,
+)
 from kagglecls.params import Params
 
 log = logging.getLogger(__name__)
 
 
 def reorganise(*, params: Params, raw_dir: Path, out_dir: Path) -> None:
-    """Class folders train/<class>/, valid/<class>/ (stratified split), test/, a manifest and a bad-image report."""
+    """Class folders train/<class>/, valid/<class>/ (stratified split, or stratified folds), test/, a manifest
+    and a bad-image report."""
     data = params.data
     found = competition.load_competition(
         raw_dir,
@@ -35,7 +45,7 @@ def reorganise(*, params: Params, raw_dir: Path, out_dir: Path) -> None:
     _stop_if_too_many_bad(found, by_path, data.max_bad_fraction)
     with building_folder(out_dir) as temporary:
         rows = _place_training_images(
-            found, by_path, temporary, valid_pct=data.valid_pct, seed=params.base.seed
+            found, by_path, temporary, valid_pct=data.valid_pct, folds=params.cv.folds, seed=params.base.seed
         )
         rows += _place_test_images(found, by_path, temporary)
         write_manifest(rows, temporary / "manifest.csv")
@@ -77,21 +87,28 @@ def _stop_if_too_many_bad(found, by_path, max_bad_fraction: float) -> None:
         )
 
 
-def _place_training_images(found, by_path, root: Path, *, valid_pct: float, seed: int) -> list[ManifestRow]:
+def _place_training_images(
+    found, by_path, root: Path, *, valid_pct: float, folds: int, seed: int
+) -> list[ManifestRow]:
     readable = [
         (path, label)
         for path, label in zip(found.train_files, found.train_labels, strict=True)
         if by_path[path].error is None
     ]
-    splits = stratified_split([label for _, label in readable], valid_pct=valid_pct, seed=seed)
+    labels = [label for _, label in readable]
+    if folds == 1:
+        splits = stratified_split(labels, valid_pct=valid_pct, seed=seed)
+        item_folds = [int(split == "valid") for split in splits]
+    else:
+        item_folds = stratified_folds(labels, folds=folds, seed=seed)
+        splits = ["train"] * len(readable)
     rows = []
-    for (path, label), split in zip(readable, splits, strict=True):
+    for (path, label), split, fold in zip(readable, splits, item_folds, strict=True):
         relative = Path(split) / _folder_name(label) / path.name
-        rows.append(
-            _copy_image(
-                path, root, relative, label=label, split=split, item_id=path.stem, check=by_path[path]
-            )
+        row = _copy_image(
+            path, root, relative, label=label, split=split, item_id=path.stem, check=by_path[path]
         )
+        rows.append(replace(row, fold=fold))
     return rows
 
 
