@@ -96,11 +96,13 @@ class FeatureBatches:
 
 
 def split_features(features_dir: Path, split: Split) -> np.ndarray:
-    """The split's rows of precompute's activations: the whole array memory-mapped, or a fold's rows of it."""
-    array = np.load(features_dir / f"{split.source}.npy", mmap_mode="r")
-    if len(array) == len(split.positions):  # positions are ascending and distinct: all the rows, in order
-        return array
-    return array[split.positions]
+    """The split's rows of precompute's activations: a whole array memory-mapped, or a fold's rows of them."""
+    arrays = []
+    for name, positions in split.parts:
+        array = np.load(features_dir / f"{name}.npy", mmap_mode="r")
+        # positions are ascending and distinct: as many as the array's rows means all of them, in order
+        arrays.append(array if len(array) == len(positions) else array[positions])
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: Path) -> None:

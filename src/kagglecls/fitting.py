@@ -29,9 +29,12 @@ from kagglecls.device import (
 )
 from kagglecls.features import FeatureBatches, split_features
 from kagglecls.loading import (
+    ALL_DATA,
     Split,
     build_model,
     fold_count,
+    fold_model,
+    fold_name,
     image_loader,
     load_classifier,
     load_splits,
@@ -89,28 +92,29 @@ class StageOutputs:
     checkpoint: Path | None = None
     folds: Path | None = None  # with cv.folds k > 1, folds 2..k's models and dvclive folders
 
-    def of_fold(self, fold: int) -> StageOutputs:
+    def of_fold(self, fold: int | str) -> StageOutputs:
         """Fold 1's outputs are the stage's own (with one split, its only ones); fold k's model is
-        <folds>/fold<k>.pt, its dvclive folder <folds>/fold<k>/."""
+        <folds>/fold<k>.pt, its dvclive folder <folds>/fold<k>/ (ALL_DATA's: <folds>/all.pt, <folds>/all/)."""
         if fold == 1:
             return self
+        name = fold_name(fold)
         checkpoint = self.checkpoint and self.checkpoint.with_name(
-            f"{self.checkpoint.stem}_fold{fold}{self.checkpoint.suffix}"
+            f"{self.checkpoint.stem}_{name}{self.checkpoint.suffix}"
         )
-        return StageOutputs(
-            model=self.folds / f"fold{fold}.pt", live=self.folds / f"fold{fold}", checkpoint=checkpoint
-        )
+        return StageOutputs(model=self.folds / f"{name}.pt", live=self.folds / name, checkpoint=checkpoint)
 
 
 def each_fold(
     stage: str,
     reorganised: Path,
     outputs: StageOutputs,
-    train_fold: Callable[[int, StageOutputs], dict | None],
+    train_fold: Callable[[int | str, StageOutputs], dict | None],
+    *,
+    train_on_all: bool = False,
 ) -> None:
-    """`train_fold(fold, its outputs)` for each fold reorganise made; it returns the fold's summary figures
-    (None on torchrun's other ranks). With k > 1 folds the stage's metrics.json holds their mean, and
-    <folds>/folds.json each fold's."""
+    """`train_fold(fold, its outputs)` for each fold reorganise made, then for ALL_DATA with `train_on_all`;
+    it returns the fold's summary figures (None on torchrun's other ranks). With k > 1 folds the stage's
+    metrics.json holds the folds' mean, and <folds>/folds.json each fold's."""
     folds = fold_count(reorganised)
     if outputs.folds is not None:
         outputs.folds.mkdir(parents=True, exist_ok=True)  # a DVC output, empty with one split
@@ -119,6 +123,9 @@ def each_fold(
         if folds > 1:
             log.info("%s: fold %d of %d", stage, fold, folds)
         figures.append(train_fold(fold, outputs.of_fold(fold)))
+    if train_on_all:
+        log.info("%s: the model of all the data (final.train_on_all)", stage)
+        train_fold(ALL_DATA, outputs.of_fold(ALL_DATA))
     if folds == 1 or figures[0] is None:
         return
     mean = {name: float(np.mean([each[name] for each in figures])) for name in figures[0]}
@@ -198,8 +205,14 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
 
 def summarise_stage(live: StageLive, history: list[dict], *, kept: dict | None = None, **extra) -> dict:
     """The stage's summary, returned: the valid figures of the weights it hands on (`kept`: a kept snapshot's
-    record, its epoch `kept_epoch`; else the last epoch's), the last epoch's train loss, and `extra`."""
+    record, its epoch `kept_epoch`; else the last epoch's; none for a model of all the data), the last
+    epoch's train loss, and `extra`."""
     chosen = kept or history[-1]
+    if "valid_log_loss" not in chosen:
+        figures = {"train_loss": history[-1]["train_loss"], **extra}
+        live.summarise(**figures)
+        live.end()
+        return figures
     figures = {
         "log_loss": chosen["valid_log_loss"],
         "accuracy": chosen["valid_accuracy"],
@@ -221,11 +234,12 @@ def train_head(*, params: Params, reorganised: Path, features_dir: Path, outputs
         reorganised,
         outputs,
         partial(_train_head_fold, params=params, reorganised=reorganised, features_dir=features_dir),
+        train_on_all=params.final.train_on_all,
     )
 
 
 def _train_head_fold(
-    fold: int, outputs: StageOutputs, *, params: Params, reorganised: Path, features_dir: Path
+    fold: int | str, outputs: StageOutputs, *, params: Params, reorganised: Path, features_dir: Path
 ) -> dict:
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
@@ -234,13 +248,15 @@ def _train_head_fold(
     model = build_model(params, len(classes), pretrained=False)
     head = model.head.to(device)
     settings = StepSettings(device=device)
-    valid_loader = FeatureBatches(
-        split_features(features_dir, splits["valid"]),
-        splits["valid"].labels,
-        batch_size=256,
-        shuffle=False,
-        seed=params.base.seed,
-    )
+    valid_loader = None  # none for a model of all the data
+    if splits["valid"].rows:
+        valid_loader = FeatureBatches(
+            split_features(features_dir, splits["valid"]),
+            splits["valid"].labels,
+            batch_size=256,
+            shuffle=False,
+            seed=params.base.seed,
+        )
     if params.train_head.method == "lbfgs":
         extra = fit_linear_head(
             head,
@@ -250,13 +266,9 @@ def _train_head_fold(
             fit_params=params.train_head,
             seed=params.base.seed,
         )
-        history = [
-            {
-                "epoch": 1,
-                "train_loss": extra.pop("train_loss"),
-                **evaluate(head, valid_loader, settings=settings),
-            }
-        ]
+        history = [{"epoch": 1, "train_loss": extra.pop("train_loss")}]
+        if valid_loader is not None:
+            history[0].update(evaluate(head, valid_loader, settings=settings))
         live.log_epoch(history[0])
     else:
         history, extra = _train_head_epochs(params, head, features_dir, splits, settings, valid_loader, live)
@@ -358,18 +370,18 @@ def train_augmented(
     """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len,
     once per fold from that fold's head (`head_path`, or head_folds/fold<k>.pt)."""
 
-    def train_fold(fold: int, fold_outputs: StageOutputs) -> dict | None:
-        head = head_path if fold == 1 else head_folds / f"fold{fold}.pt"
+    def train_fold(fold: int | str, fold_outputs: StageOutputs) -> dict | None:
+        head = fold_model(head_path, head_folds, fold)
         return _train_augmented_fold(
             params, fold, reorganised, cache_dir, features_dir, head_path=head, outputs=fold_outputs
         )
 
-    each_fold("train_augmented", reorganised, outputs, train_fold)
+    each_fold("train_augmented", reorganised, outputs, train_fold, train_on_all=params.final.train_on_all)
 
 
 def _train_augmented_fold(
     params: Params,
-    fold: int,
+    fold: int | str,
     reorganised: Path,
     cache_dir: Path,
     features_dir: Path,
@@ -422,8 +434,8 @@ def finetune(
     once per fold from that fold's model (`model_path`, or model_folds/fold<k>.pt)."""
     fit_params = params.finetune
 
-    def train_fold(fold: int, fold_outputs: StageOutputs) -> dict | None:
-        start = model_path if fold == 1 else model_folds / f"fold{fold}.pt"
+    def train_fold(fold: int | str, fold_outputs: StageOutputs) -> dict | None:
+        start = fold_model(model_path, model_folds, fold)
         model, _ = load_classifier(params, head_path=start, weights_key="model")
         unfreeze(model)
         return _fit_images(
@@ -441,7 +453,7 @@ def finetune(
             inputs=[start],
         )
 
-    each_fold("finetune", reorganised, outputs, train_fold)
+    each_fold("finetune", reorganised, outputs, train_fold, train_on_all=params.final.train_on_all)
 
 
 def _fit_images(
@@ -449,7 +461,7 @@ def _fit_images(
     fit_params: AugmentedFitParams,
     model: Classifier,
     *,
-    fold: int,
+    fold: int | str,
     reorganised: Path,
     cache_dir: Path,
     outputs: StageOutputs,
@@ -600,5 +612,7 @@ def _augmented_loaders(params, fit_params, reorganised, cache_dir, splits, size,
     augmented, plain = presets(params, fit_params, size)
     load = partial(image_loader, params, reorganised, cache_dir, size=size, context=context)
     train = load(splits["train"], transform=augmented, shuffle=True, batch_size=batch_size, shard=True)
+    if not splits["valid"].rows:  # a model of all the data
+        return train, None
     valid = load(splits["valid"], transform=plain, shuffle=False, batch_size=params.precompute.batch_size)
     return train, valid

@@ -32,39 +32,63 @@ from kagglecls.models import (
 )
 from kagglecls.params import AugmentedFitParams, Params
 
+ALL_DATA = "all"  # the fold name of the model trained on every labelled image (final.train_on_all)
+
 
 @dataclass(frozen=True)
 class Split:
     rows: list[ManifestRow]
     labels: np.ndarray  # class index per row; -1 for test
-    # Where precompute put these rows' activations: rows `positions` of data/features/<source>.npy.
-    source: str = ""
-    positions: np.ndarray | None = None
+    # Where precompute put these rows' activations: (name, rows of data/features/<name>.npy) pairs, in order.
+    parts: tuple[tuple[str, np.ndarray], ...] = ()
 
 
-def load_splits(reorganised: Path, fold: int | None = 1) -> tuple[dict[str, Split], list[str]]:
+def load_splits(reorganised: Path, fold: int | str | None = 1) -> tuple[dict[str, Split], list[str]]:
     """Train, valid and test of `fold`: valid is the labelled images the fold holds out (with one split, the
-    valid folder), train the other labelled images. Each keeps its rows' place in precompute's arrays, which
-    hold the manifest's train, valid and test rows in order (`fold` None: those three, as they are)."""
+    valid folder), train the other labelled images; for ALL_DATA, train is every labelled image and valid
+    is empty. Each keeps its rows' place in precompute's arrays, which hold the manifest's train, valid and
+    test rows in order (`fold` None: those three, as they are)."""
     classes = read_class_info(reorganised).classes
     index = {name: position for position, name in enumerate(classes)}
     rows = [row for row in read_manifest(reorganised / "manifest.csv") if row.file]
     stored = {name: [row for row in rows if row.split == name] for name in ("train", "valid", "test")}
 
-    def taken(source: str, keep) -> Split:
-        positions = [position for position, row in enumerate(stored[source]) if keep(row)]
-        chosen = [stored[source][position] for position in positions]
+    def taken(sources: tuple[str, ...], keep) -> Split:
+        chosen, parts = [], []
+        for source in sources:
+            positions = [position for position, row in enumerate(stored[source]) if keep(row)]
+            chosen += [stored[source][position] for position in positions]
+            if positions:
+                parts.append((source, np.array(positions, dtype=np.int64)))
         labels = np.array([index[row.label] if row.label else -1 for row in chosen], dtype=np.int64)
-        return Split(chosen, labels, source, np.array(positions, dtype=np.int64))
+        return Split(chosen, labels, tuple(parts))
+
+    def every(row: ManifestRow) -> bool:
+        return True
 
     if fold is None:
-        return {name: taken(name, lambda row: True) for name in stored}, classes
+        return {name: taken((name,), every) for name in stored}, classes
+    if fold == ALL_DATA:
+        return {
+            "train": taken(("train", "valid"), every),
+            "valid": taken((), every),
+            "test": taken(("test",), every),
+        }, classes
     splits = {
-        "train": taken("train", lambda row: row.fold != fold),
-        "valid": taken("valid" if stored["valid"] else "train", lambda row: row.fold == fold),
-        "test": taken("test", lambda row: True),
+        "train": taken(("train",), lambda row: row.fold != fold),
+        "valid": taken(("valid" if stored["valid"] else "train",), lambda row: row.fold == fold),
+        "test": taken(("test",), every),
     }
     return splits, classes
+
+
+def fold_name(fold: int | str) -> str:
+    return ALL_DATA if fold == ALL_DATA else f"fold{fold}"
+
+
+def fold_model(first: Path, folds_dir: Path, fold: int | str) -> Path:
+    """Where the previous stage saved `fold`'s model: `first` (fold 1's), or in its folds folder."""
+    return first if fold == 1 else folds_dir / f"{fold_name(fold)}.pt"
 
 
 def fold_count(reorganised: Path) -> int:

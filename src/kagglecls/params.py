@@ -122,6 +122,14 @@ class CvParams(_Section):
 
 
 @dataclass(frozen=True)
+class FinalParams(_Section):
+    train_on_all: bool = False  # one more model on every labelled image, the same schedule
+    submit: Literal["all", "all_and_folds"] = (
+        "all"  # with train_on_all: that model alone, or averaged with the folds'
+    )
+
+
+@dataclass(frozen=True)
 class PrecomputeParams(_Section):
     batch_size: int = ranged(128, ">= 1")
 
@@ -205,6 +213,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     cv: CvParams = field(default_factory=CvParams)
+    final: FinalParams = field(default_factory=FinalParams)
     precompute: PrecomputeParams = field(default_factory=PrecomputeParams)
     train_head: HeadParams = field(default_factory=HeadParams)
     train_augmented: AugmentedFitParams = field(default_factory=AugmentedFitParams)

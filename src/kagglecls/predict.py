@@ -24,8 +24,10 @@ from kagglecls.device import StepSettings, pick_device, seed_everything
 from kagglecls.errors import UserError
 from kagglecls.export import ExportInfo, load_export
 from kagglecls.loading import (
+    ALL_DATA,
     Split,
     fold_count,
+    fold_model,
     image_loader,
     load_classifier,
     load_splits,
@@ -58,7 +60,8 @@ def predict_tta(
     test. The held-out predictions give the metrics (with k > 1 folds: out-of-fold, the CV figures over every
     labelled image), confusion matrix, most confused pairs and top losses, in dvclive's folder `live_dir`, and
     their probabilities in `valid_predictions`, for `kagglecls ensemble`. The folds' test probabilities,
-    combined as cv.ensemble says, go to `predictions`."""
+    combined as cv.ensemble says, go to `predictions`; with final.train_on_all, the model of all the data's
+    instead (final.submit: all), or with them (all_and_folds: one more member)."""
     seed_everything(params.base.seed)
     device = pick_device(params.base.device)
     live = StageLive("predict_tta", live_dir)
@@ -68,7 +71,7 @@ def predict_tta(
     held_out, tta, plain, test_folds = [], [], [], []
     for fold in range(1, folds + 1):
         splits, classes = load_splits(reorganised, fold)
-        path = model_path if fold == 1 else model_folds / f"fold{fold}.pt"
+        path = fold_model(model_path, model_folds, fold)
         model, _ = load_classifier(params, head_path=path, weights_key="model")
         model = to_device(model, settings)
         valid, valid_plain = _tta(
@@ -114,14 +117,24 @@ def predict_tta(
             )
     live.summarise(**report)
     live.end()
-    with write_file(predictions) as temporary:
-        ids = np.array([row.id for row in splits["test"].rows], dtype=str)
-        np.savez(
-            temporary,
-            ids=ids,
-            probabilities=combine_folds(test_folds, params.cv.ensemble).astype(np.float64),
-            **({"folds": np.stack(test_folds)} if folds > 1 else {}),  # each fold's, to compare ensembles
+    test = splits["test"]
+    saved = {"folds": np.stack(test_folds)} if folds > 1 else {}  # each fold's, to compare ensembles
+    submitted = combine_folds(test_folds, params.cv.ensemble)
+    if params.final.train_on_all:
+        model, _ = load_classifier(
+            params, head_path=fold_model(model_path, model_folds, ALL_DATA), weights_key="model"
         )
+        model = to_device(model, settings)
+        saved["all"] = (
+            _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
+            if test.rows
+            else np.zeros((0, len(classes)))
+        )
+        members = [saved["all"], *test_folds] if params.final.submit == "all_and_folds" else [saved["all"]]
+        submitted = combine_folds(members, params.cv.ensemble)
+    with write_file(predictions) as temporary:
+        ids = np.array([row.id for row in test.rows], dtype=str)
+        np.savez(temporary, ids=ids, probabilities=submitted.astype(np.float64), **saved)
     log.info(
         "predict_tta: %s log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
         f"out-of-fold ({folds} folds)" if folds > 1 else "valid",

@@ -26,12 +26,13 @@ class StageLive:
 
     def log_epoch(self, record: Mapping[str, float]) -> None:
         """One epoch's figures (epoch 0: the valid figures of the weights a stage starts from), and the summary
-        so far: that epoch's valid figures."""
+        so far: that epoch's valid figures (a model of all the data has none)."""
         self.live.step = int(record["epoch"])
         for name in EPOCH_FIGURES:
             if name in record:
                 self.live.log_metric(name, record[name])
-        self.summarise(log_loss=record["valid_log_loss"], accuracy=record["valid_accuracy"])
+        if "valid_log_loss" in record:
+            self.summarise(log_loss=record["valid_log_loss"], accuracy=record["valid_accuracy"])
 
     def summarise(self, **figures: float) -> None:
         """metrics.json: {stage: figures} (dvclive adds the last step)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +140,7 @@ def fit(
     *,
     plan: FitPlan,
     train_loader: Iterable,
-    valid_loader: Iterable,
+    valid_loader: Iterable | None,
     settings: StepSettings,
     checkpoint: Path | None = None,
     fingerprint: str = "",
@@ -150,7 +150,10 @@ def fit(
 ) -> FitResult:
     """Train plan.epochs epochs, evaluating, checkpointing and reseeding from (seed, epoch) each, so a resumed
     run ends the same; with plan.snapshot_epochs the best of those epochs' weights (valid log loss) is
-    kept. `on_epoch` gets each epoch's record on rank 0 as it ends (a resumed run's earlier ones first)."""
+    kept. `on_epoch` gets each epoch's record on rank 0 as it ends (a resumed run's earlier ones first).
+    Without a valid_loader (a model of all the data) there are no valid figures and the last epoch is kept."""
+    if valid_loader is None:
+        plan = replace(plan, snapshot_epochs=())
     history, start_epoch, best = resume(checkpoint, fingerprint, model, optimizer)
     report = on_epoch if on_epoch is not None and context.is_main else lambda record: None
     for record in history:
@@ -211,7 +214,8 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
     # lr: the top layer group's, averaged over the epoch's steps
     record = {"epoch": epoch + 1, "train_loss": record["train_loss"], "lr": top_lr * float(np.mean(factors))}
     if context.is_main:
-        record.update(evaluate(unwrapped(model), valid_loader, settings=settings))
+        if valid_loader is not None:
+            record.update(evaluate(unwrapped(model), valid_loader, settings=settings))
         log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
     return record
 
