@@ -314,7 +314,10 @@ def score_run(
             record.problems.append(str(error))
     predictions = copy / "data" / "predictions" / "test.npz"
     if predictions.is_file():
-        record.folds = fold_ensembles(predictions, prepared, test_labels)
+        try:
+            record.folds = fold_ensembles(copy, test_labels)
+        except (KeyError, ValueError) as error:
+            record.problems.append(f"{predictions}: cannot score the folds' predictions: {error}")
     # The baseline fits on train and is judged on valid: there is no valid.npy with cv.folds > 1.
     if all((copy / "data" / "features" / f"{name}.npy").is_file() for name in ("test", "valid")):
         try:
@@ -323,29 +326,34 @@ def score_run(
             record.problems.append(str(error))
 
 
-def fold_ensembles(
-    predictions: Path, prepared: suite.Prepared, test_labels: Mapping[str, str]
-) -> dict | None:
-    """For a k-fold run (predict_tta saved each fold's test probabilities): the test log loss of fold 1's model
-    alone, of the mean of the folds' probabilities and of the softmax of the mean of their logs."""
-    from kagglecls.competition import load_competition
+def fold_ensembles(copy: Path, test_labels: Mapping[str, str]) -> dict | None:
+    """Where predict_tta saved each fold's test probabilities (cv.folds > 1) or the model of all the data's
+    (final.train_on_all): the test log loss of fold 1's model alone, of the folds' two ensembles (cv.ensemble),
+    of the model of all the data alone and beside the folds."""
     from kagglecls.predict import combine_folds
 
-    saved = np.load(predictions)
-    if "folds" not in saved:
+    with np.load(copy / "data" / "predictions" / "test.npz") as stored:
+        saved = dict(stored)
+    if "folds" not in saved and "all" not in saved:
         return None
-    classes = load_competition(prepared.competition_dir).classes
+    classes = json.loads((copy / "data" / "reorganised" / "classes.json").read_text())["classes"]
     truth = np.array([classes.index(test_labels[item]) for item in saved["ids"]])
-    folds = saved["folds"]
-    return {
-        "folds": len(folds),
-        "fold1_log_loss": multiclass_log_loss(folds[0], truth),
-        "mean_fold_log_loss": float(np.mean([multiclass_log_loss(fold, truth) for fold in folds])),
-        **{
-            f"{how}_log_loss": multiclass_log_loss(combine_folds(list(folds), how), truth)
-            for how in ("probabilities", "logits")
-        },
-    }
+    figures = {}
+    folds = list(saved["folds"]) if "folds" in saved else []
+    if folds:
+        figures["folds"] = len(folds)
+        figures["fold1_log_loss"] = multiclass_log_loss(folds[0], truth)
+        figures["mean_fold_log_loss"] = float(np.mean([multiclass_log_loss(fold, truth) for fold in folds]))
+        for how in ("probabilities", "logits"):
+            figures[f"{how}_log_loss"] = multiclass_log_loss(combine_folds(folds, how), truth)
+    if "all" in saved:
+        figures["all_log_loss"] = multiclass_log_loss(saved["all"], truth)
+        if folds:
+            members = [saved["all"], *folds]
+            figures["all_and_folds_log_loss"] = multiclass_log_loss(
+                combine_folds(members, "probabilities"), truth
+            )
+    return figures
 
 
 def differing_files(first: Path, second: Path) -> list[str]:
@@ -425,8 +433,15 @@ def summarise(entry: suite.SuiteCompetition, records: Sequence[RunRecord]) -> di
         },
         "repro_seconds": spread([record.wall_seconds for record in records if record.returncode == 0]),
         "folds": {
-            key: spread([record.folds[key] for record in records if record.folds])
-            for key in ("fold1_log_loss", "mean_fold_log_loss", "probabilities_log_loss", "logits_log_loss")
+            key: spread([record.folds[key] for record in records if record.folds and key in record.folds])
+            for key in (
+                "fold1_log_loss",
+                "mean_fold_log_loss",
+                "probabilities_log_loss",
+                "logits_log_loss",
+                "all_log_loss",
+                "all_and_folds_log_loss",
+            )
         },
     }
 

@@ -1,10 +1,10 @@
 """Stage finetune: unfreeze, differential learning rates, SGDR with cycle_mult, progressive resizing.
 
-Saves a checkpoint each epoch; a rerun after an interruption resumes from it.
-Run by DVC: `python stages/finetune.py --reorganised data/reorganised --cache data/cache
---input models/augmented.pt --input-folds models/folds/augmented --model models/finetune.pt
---checkpoint models/checkpoints/finetune.pt --live dvclive/finetune --folds models/folds/finetune`. With base.nproc > 1 it runs as that many torchrun
-processes (DistributedDataParallel).
+Saves a checkpoint each epoch; a rerun after an interruption resumes from it (with folds, the finished folds
+resume with nothing left to train). Run by DVC: `python stages/finetune.py --reorganised data/reorganised
+--cache data/cache --input models/augmented.pt --input-folds models/folds/augmented --model models/finetune.pt
+--checkpoint models/checkpoints/finetune.pt --live dvclive/finetune --folds models/folds/finetune`.
+With base.nproc > 1 it runs as that many torchrun processes (DistributedDataParallel).
 """
 
 from pathlib import Path

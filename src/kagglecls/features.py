@@ -67,7 +67,8 @@ class FeatureBatches:
         self.features = np.load(features, mmap_mode="r") if isinstance(features, Path) else features
         self.labels = labels if labels is not None else np.full(len(self.features), -1, dtype=np.int64)
         if len(self.labels) != len(self.features):
-            raise ValueError(f"{features}: {len(self.features)} rows but {len(self.labels)} labels")
+            source = features if isinstance(features, Path) else "features"
+            raise ValueError(f"{source}: {len(self.features)} rows but {len(self.labels)} labels")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         # Training drops a last batch of one: BatchNorm cannot train on a single row.
         self.drop_last = shuffle and len(self.features) % batch_size == 1

@@ -113,11 +113,11 @@ def each_fold(
     train_on_all: bool = False,
 ) -> None:
     """`train_fold(fold, its outputs)` for each fold reorganise made, then for ALL_DATA with `train_on_all`;
-    it returns the fold's summary figures (None on torchrun's other ranks). With k > 1 folds the stage's
-    metrics.json holds the folds' mean, and <folds>/folds.json each fold's."""
+    it returns the fold's summary figures (None on torchrun's other ranks). <folds>/folds.json gets each
+    fold's figures and, with k > 1 folds, the stage's metrics.json their mean."""
     folds = fold_count(reorganised)
     if outputs.folds is not None:
-        outputs.folds.mkdir(parents=True, exist_ok=True)  # a DVC output, empty with one split
+        outputs.folds.mkdir(parents=True, exist_ok=True)  # a DVC output, without models with one split
     figures = []
     for fold in range(1, folds + 1):
         if folds > 1:
@@ -126,15 +126,21 @@ def each_fold(
     if train_on_all:
         log.info("%s: the model of all the data (final.train_on_all)", stage)
         train_fold(ALL_DATA, outputs.of_fold(ALL_DATA))
-    if folds == 1 or figures[0] is None:
+    if figures[0] is None:  # rank 0 writes
         return
-    mean = {name: float(np.mean([each[name] for each in figures])) for name in figures[0]}
-    write_json({stage: {**mean, "folds": folds}}, outputs.live / "metrics.json")
-    write_json(
-        {"folds": [{"fold": fold, **each} for fold, each in enumerate(figures, 1)]},
-        outputs.folds / "folds.json",
-    )
-    log.info("%s: mean valid log loss over %d folds %.4f", stage, folds, mean["log_loss"])
+    if outputs.checkpoint is not None:
+        # A checkpoint only serves to resume an interrupted run (a finished fold's resumes with nothing left
+        # to train): once every fold is done, none is left to be mistaken for this run's result by a later one.
+        checkpoint = outputs.checkpoint
+        for path in checkpoint.parent.glob(f"{checkpoint.stem}_*{checkpoint.suffix}"):
+            path.unlink()
+    if outputs.folds is not None:
+        each = [{"fold": fold, **figure} for fold, figure in enumerate(figures, 1)]
+        write_json({"folds": each}, outputs.folds / "folds.json")
+    if folds > 1:
+        mean = {name: float(np.mean([figure[name] for figure in figures])) for name in figures[0]}
+        write_json({stage: {**mean, "folds": folds}}, outputs.live / "metrics.json")
+        log.info("%s: mean valid log loss over %d folds %.4f", stage, folds, mean["log_loss"])
 
 
 def choose_lr(
@@ -364,8 +370,8 @@ def train_augmented(
     cache_dir: Path,
     features_dir: Path,
     head_path: Path,
+    head_folds: Path,
     outputs: StageOutputs,
-    head_folds: Path | None = None,
 ) -> None:
     """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len,
     once per fold from that fold's head (`head_path`, or head_folds/fold<k>.pt)."""
@@ -427,8 +433,8 @@ def finetune(
     reorganised: Path,
     cache_dir: Path,
     model_path: Path,
+    model_folds: Path,
     outputs: StageOutputs,
-    model_folds: Path | None = None,
 ) -> None:
     """Unfreeze; differential lrs over the layer groups; SGDR with cycle_mult; one run per size (progressive);
     once per fold from that fold's model (`model_path`, or model_folds/fold<k>.pt)."""
@@ -482,7 +488,7 @@ def _fit_images(
     trained = compiled(wrap_distributed(model, context, device), params.base.compile)
     batch_size = fit_params.batch_size or params.base.batch_size
     live = StageLive(stage, outputs.live) if context.is_main else None
-    histories, lrs, checkpoints = [], [], []
+    histories, lrs = [], []
     for round_index, size in enumerate(sizes):
         train_loader, valid_loader = _augmented_loaders(
             params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
@@ -538,7 +544,6 @@ def _fit_images(
         kept = {**result.kept, "epoch": offset + result.kept.get("epoch", 0)}
         lrs.append(group_lrs)
         if checkpoint is not None:
-            checkpoints.append(checkpoint)
             inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
     if not context.is_main:
         return None
@@ -550,10 +555,6 @@ def _fit_images(
         kept=kept if fit_params.keep == "best_cycle_end" else None,
         lr_used=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
     )
-    # A checkpoint only serves to resume an interrupted run: once the fold is done, none is left to be
-    # mistaken for this run's result by a later one.
-    for path in checkpoints:
-        path.unlink(missing_ok=True)
     return figures
 
 

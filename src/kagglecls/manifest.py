@@ -1,5 +1,6 @@
-"""The manifest the stages share, the class list, and the train/valid split or the cross-validation folds. Imports no torch, so the stages
-that only move files (download, reorganise, size_histogram, submission) start fast."""
+"""The manifest the stages share, the class list, and the train/valid split or the cross-validation folds.
+Imports no torch, so the stages that only move files (download, reorganise, size_histogram, submission)
+start fast."""
 
 from __future__ import annotations
 

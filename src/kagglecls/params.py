@@ -117,16 +117,18 @@ class ModelParams(_Section):
 
 @dataclass(frozen=True)
 class CvParams(_Section):
+    """The pipeline's cross-validation (train_head.cv_folds is only the logistic head's choice of L2)."""
+
     folds: int = ranged(1, ">= 1")  # 1: one train/valid split (data.valid_pct); k: stratified k-fold
-    ensemble: Literal["probabilities", "logits"] = "probabilities"  # the folds' test predictions: mean of
+    # How the folds' test probabilities are combined: their mean, or the softmax of the mean of their logs
+    ensemble: Literal["probabilities", "logits"] = "probabilities"
 
 
 @dataclass(frozen=True)
 class FinalParams(_Section):
     train_on_all: bool = False  # one more model on every labelled image, the same schedule
-    submit: Literal["all", "all_and_folds"] = (
-        "all"  # with train_on_all: that model alone, or averaged with the folds'
-    )
+    # With train_on_all, the submission is that model's (all) or that model averaged with the folds'
+    submit: Literal["all", "all_and_folds"] = "all"
 
 
 @dataclass(frozen=True)

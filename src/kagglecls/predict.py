@@ -45,6 +45,18 @@ TTA_SEED_OFFSET = 1000  # TTA's augmented views are seeded from base.seed + this
 VIEWS_PER_BATCH = 128  # about precompute.batch_size's default: views in one forward pass of the command
 
 
+@dataclass
+class FoldPredictions:
+    """What predict_tta's models predicted: the held-out images (with folds, out-of-fold) and test."""
+
+    held_out: Split  # the images, in the order of the rows below
+    tta: np.ndarray
+    plain: np.ndarray  # the plain pass alone, without TTA
+    test: Split
+    test_folds: list[np.ndarray]  # each fold's test probabilities
+    classes: list[str]
+
+
 def predict_tta(
     *,
     params: Params,
@@ -53,26 +65,67 @@ def predict_tta(
     model_path: Path,
     live_dir: Path,
     predictions: Path,
+    model_folds: Path,
     valid_predictions: Path | None = None,
-    model_folds: Path | None = None,
 ) -> None:
     """TTA of each fold's model (`model_path`, or model_folds/fold<k>.pt) on the images it held out, and on
     test. The held-out predictions give the metrics (with k > 1 folds: out-of-fold, the CV figures over every
     labelled image), confusion matrix, most confused pairs and top losses, in dvclive's folder `live_dir`, and
-    their probabilities in `valid_predictions`, for `kagglecls ensemble`. The folds' test probabilities,
-    combined as cv.ensemble says, go to `predictions`; with final.train_on_all, the model of all the data's
-    instead (final.submit: all), or with them (all_and_folds: one more member)."""
+    their probabilities in `valid_predictions`, for `kagglecls ensemble`. The test probabilities go to
+    `predictions` (`submitted_probabilities`)."""
     seed_everything(params.base.seed)
-    device = pick_device(params.base.device)
+    settings = step_settings(params, pick_device(params.base.device))
     live = StageLive("predict_tta", live_dir)
-    settings = step_settings(params, device)
-    size = params.finetune.sizes[-1]
     folds = fold_count(reorganised)
+    predicted = _fold_predictions(params, reorganised, cache_dir, model_path, model_folds, folds, settings)
+    valid, targets, classes = predicted.tta, predicted.held_out.labels, predicted.classes
+    report = {
+        "log_loss": log_loss(valid, targets),
+        "accuracy": accuracy(valid, targets),
+        "log_loss_no_tta": log_loss(predicted.plain, targets),
+        "accuracy_no_tta": accuracy(predicted.plain, targets),
+        **({"folds": folds} if folds > 1 else {}),
+    }
+    subset = "out-of-fold" if folds > 1 else "valid"
+    _interpret(params, valid, predicted.held_out, classes, reorganised, live, subset=subset)
+    if valid_predictions is not None:
+        with write_file(valid_predictions) as temporary:
+            np.savez(
+                temporary,
+                ids=np.array([row.id for row in predicted.held_out.rows], dtype=str),
+                probabilities=valid.astype(np.float64),
+                targets=targets,
+                classes=np.array(classes, dtype=str),
+            )
+    live.summarise(**report)
+    live.end()
+    all_data_model = fold_model(model_path, model_folds, ALL_DATA)
+    submitted, saved = submitted_probabilities(
+        params, predicted, all_data_model, reorganised=reorganised, cache_dir=cache_dir, settings=settings
+    )
+    with write_file(predictions) as temporary:
+        ids = np.array([row.id for row in predicted.test.rows], dtype=str)
+        np.savez(temporary, ids=ids, probabilities=submitted.astype(np.float64), **saved)
+    log.info(
+        "predict_tta: %s log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
+        f"{subset} ({folds} folds)" if folds > 1 else subset,
+        report["log_loss"],
+        report["accuracy"],
+        params.predict_tta.n_aug,
+    )
+
+
+def _fold_predictions(
+    params, reorganised, cache_dir, model_path, model_folds, folds, settings
+) -> FoldPredictions:
+    """Each fold's model with TTA on the images it holds out and on test."""
+    size = params.finetune.sizes[-1]
     held_out, tta, plain, test_folds = [], [], [], []
     for fold in range(1, folds + 1):
         splits, classes = load_splits(reorganised, fold)
-        path = fold_model(model_path, model_folds, fold)
-        model, _ = load_classifier(params, head_path=path, weights_key="model")
+        model, _ = load_classifier(
+            params, head_path=fold_model(model_path, model_folds, fold), weights_key="model"
+        )
         model = to_device(model, settings)
         valid, valid_plain = _tta(
             params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings
@@ -80,68 +133,53 @@ def predict_tta(
         held_out.append(splits["valid"])
         tta.append(valid)
         plain.append(valid_plain)
-        test = splits["test"]
-        if test.rows:
-            test_folds.append(
-                _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
-            )
-        else:
-            test_folds.append(np.zeros((0, len(classes))))
+        test_folds.append(
+            _test_tta(params, model, reorganised, cache_dir, splits["test"], len(classes), settings)
+        )
         if folds > 1:
-            log.info(
-                "predict_tta: fold %d valid log loss %.4f (TTA)", fold, log_loss(valid, held_out[-1].labels)
-            )
+            fold_loss = log_loss(valid, splits["valid"].labels)
+            log.info("predict_tta: fold %d valid log loss %.4f (TTA)", fold, fold_loss)
     held = Split(
         [row for split in held_out for row in split.rows],
         np.concatenate([split.labels for split in held_out]),
     )
-    valid, valid_plain, targets = np.concatenate(tta), np.concatenate(plain), held.labels
-    report = {
-        "log_loss": log_loss(valid, targets),
-        "accuracy": accuracy(valid, targets),
-        "log_loss_no_tta": log_loss(valid_plain, targets),
-        "accuracy_no_tta": accuracy(valid_plain, targets),
-        **({"folds": folds} if folds > 1 else {}),
-    }
-    _interpret(params, valid, held, classes, reorganised, live)
-    if valid_predictions is not None:
-        with write_file(valid_predictions) as temporary:
-            ids = np.array([row.id for row in held.rows], dtype=str)
-            classes_array = np.array(classes, dtype=str)
-            np.savez(
-                temporary,
-                ids=ids,
-                probabilities=valid.astype(np.float64),
-                targets=targets,
-                classes=classes_array,
-            )
-    live.summarise(**report)
-    live.end()
-    test = splits["test"]
-    saved = {"folds": np.stack(test_folds)} if folds > 1 else {}  # each fold's, to compare ensembles
-    submitted = combine_folds(test_folds, params.cv.ensemble)
-    if params.final.train_on_all:
-        model, _ = load_classifier(
-            params, head_path=fold_model(model_path, model_folds, ALL_DATA), weights_key="model"
-        )
-        model = to_device(model, settings)
-        saved["all"] = (
-            _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
-            if test.rows
-            else np.zeros((0, len(classes)))
-        )
-        members = [saved["all"], *test_folds] if params.final.submit == "all_and_folds" else [saved["all"]]
-        submitted = combine_folds(members, params.cv.ensemble)
-    with write_file(predictions) as temporary:
-        ids = np.array([row.id for row in test.rows], dtype=str)
-        np.savez(temporary, ids=ids, probabilities=submitted.astype(np.float64), **saved)
-    log.info(
-        "predict_tta: %s log loss %.4f accuracy %.4f (TTA, %d augmented passes)",
-        f"out-of-fold ({folds} folds)" if folds > 1 else "valid",
-        report["log_loss"],
-        report["accuracy"],
-        params.predict_tta.n_aug,
+    return FoldPredictions(
+        held, np.concatenate(tta), np.concatenate(plain), splits["test"], test_folds, classes
     )
+
+
+def _test_tta(params, model, reorganised, cache_dir, test: Split, n_classes: int, settings) -> np.ndarray:
+    if not test.rows:
+        return np.zeros((0, n_classes))
+    size = params.finetune.sizes[-1]
+    return _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
+
+
+def submitted_probabilities(
+    params: Params,
+    predicted: FoldPredictions,
+    all_data_model: Path,
+    *,
+    reorganised: Path,
+    cache_dir: Path,
+    settings: StepSettings,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The submission's test probabilities: the folds' combined as cv.ensemble says; with final.train_on_all,
+    the model of all the data's (`all_data_model`) instead (final.submit: all), or with the folds'
+    (all_and_folds: one more member). Also what is saved beside them to compare the ways of combining them:
+    each fold's (`folds`) and the model of all the data's (`all`)."""
+    test_folds = predicted.test_folds
+    with_all = params.final.train_on_all
+    saved = {"folds": np.stack(test_folds)} if len(test_folds) > 1 or with_all else {}
+    if not with_all:
+        return combine_folds(test_folds, params.cv.ensemble), saved
+    model, _ = load_classifier(params, head_path=all_data_model, weights_key="model")
+    model = to_device(model, settings)
+    saved["all"] = _test_tta(
+        params, model, reorganised, cache_dir, predicted.test, len(predicted.classes), settings
+    )
+    members = [saved["all"], *test_folds] if params.final.submit == "all_and_folds" else [saved["all"]]
+    return combine_folds(members, params.cv.ensemble), saved
 
 
 def combine_folds(probabilities: Sequence[np.ndarray], how: str) -> np.ndarray:
@@ -186,10 +224,12 @@ def tta_probabilities(
     return combine_tta(plain, augmented, beta=beta), plain
 
 
-def _interpret(params, probabilities, split, classes, reorganised, live: StageLive) -> None:
+def _interpret(params, probabilities, split, classes, reorganised, live: StageLive, *, subset: str) -> None:
     targets, predicted = split.labels, probabilities.argmax(axis=1)
     live.log_confusion(
-        [classes[t] for t in targets], [classes[p] for p in predicted], title="confusion matrix (valid, TTA)"
+        [classes[t] for t in targets],
+        [classes[p] for p in predicted],
+        title=f"confusion matrix ({subset}, TTA)",
     )
     counts = confusion_matrix(targets, predicted, n_classes=len(classes))
     write_csv(
