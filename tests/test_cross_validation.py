@@ -74,11 +74,13 @@ def test_the_cv_log_loss_is_the_out_of_fold_predictions_and_exp_show_lists_it(pr
     assert row["predict_tta.folds"] == str(FOLDS) and row["cv.folds"] == str(FOLDS)
 
 
-def test_the_submission_averages_the_folds_test_probabilities(project) -> None:
+def test_the_submission_averages_the_folds_test_predictions(project) -> None:
     root, _ = project
     test = np.load(root / "data/predictions/test.npz")
     assert test["folds"].shape == (FOLDS, len(test["ids"]), 3)
-    np.testing.assert_allclose(test["probabilities"], test["folds"].mean(axis=0))
+    # cv.ensemble logits: the softmax of the mean of the folds' log-probabilities
+    geometric = np.exp(np.log(np.clip(test["folds"], 1e-15, None)).mean(axis=0))
+    np.testing.assert_allclose(test["probabilities"], geometric / geometric.sum(axis=1, keepdims=True))
 
 
 def test_a_finetune_param_reruns_the_folds_finetune_and_what_follows(project) -> None:

@@ -121,7 +121,7 @@ class CvParams(_Section):
 
     folds: int = ranged(1, ">= 1")  # 1: one train/valid split (data.valid_pct); k: stratified k-fold
     # How the folds' test probabilities are combined: their mean, or the softmax of the mean of their logs
-    ensemble: Literal["probabilities", "logits"] = "probabilities"
+    ensemble: Literal["probabilities", "logits"] = "logits"
 
 
 @dataclass(frozen=True)
