@@ -94,7 +94,8 @@ def test_the_kill_landed_inside_epoch_2(runs: dict) -> None:
     assert interrupted.returncode != 0
     assert "failed to reproduce 'finetune'" in interrupted.stdout
     assert runs["checkpoint_epoch"] == 1  # epoch 2 never finished: its checkpoint was not written
-    assert runs["leftovers"] == ["augmented.pt", "checkpoints", "head.pt"]  # no finetune.pt, half-made or not
+    # no finetune.pt, half-made or not (folds/: the earlier stages' folds folders, empty with one split)
+    assert runs["leftovers"] == ["augmented.pt", "checkpoints", "folds", "head.pt"]
 
 
 def test_the_rerun_resumes_from_the_epoch_1_checkpoint(runs: dict) -> None:
