@@ -246,10 +246,9 @@ def distributed_finetune(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 def test_a_failing_process_under_torchrun_ends_with_one_line_and_its_exit_code(tmp_path: Path) -> None:
     """Each rank's own one-line error reaches the user, then one line from the launcher; no traceback."""
     root = make_project(tmp_path / "project", merge(TINY_PARAMS, {"base": {"nproc": 2}}))
-    params = (root / "params.yaml").read_text().replace("arch: efficientnet_lite0", "arch: resnet_unknown")
-    (root / "params.yaml").write_text(params)
     torch.save({"classes": ["a", "b"], "model": {}}, root / "input.pt")
-    arguments = ["--reorganised", "r", "--cache", "c", "--input", "input.pt", "--model", "out.pt"]
+    arguments = ["--reorganised", "r", "--cache", "c", "--input", "input.pt", "--input-folds", "folds_in"]
+    arguments += ["--model", "out.pt", "--folds", "folds"]
     result = subprocess.run(
         [sys.executable, "stages/finetune.py", *arguments, "--checkpoint", "checkpoint.pt", "--live", "live"],
         cwd=root,
@@ -265,7 +264,8 @@ def test_a_failing_process_under_torchrun_ends_with_one_line_and_its_exit_code(t
         r"the others were stopped",
         lines[-1],
     )
-    assert any(line.startswith("finetune: error: model.arch: 'resnet_unknown'") for line in lines[:-1])
+    # the folds come first, from the manifest: here there is none
+    assert any(line.startswith("finetune: error: r/manifest.csv: not found") for line in lines[:-1])
     assert "Traceback" not in result.stderr
 
 
@@ -281,8 +281,11 @@ def test_finetune_under_torchrun_writes_each_output_once(distributed_finetune: t
         "augmented.pt",
         "checkpoints",
         "finetune.pt",
+        "folds",
         "head.pt",
     ]
+    # one split: each folds folder holds only folds.json, written once
+    assert [path.name for path in (root / "models" / "folds" / "finetune").iterdir()] == ["folds.json"]
     # Written once an epoch by rank 0 while it ran, removed once finetune finished.
     assert sorted(path.name for path in (root / "models" / "checkpoints").iterdir()) == []
     # rank 0 alone logged: the starting weights, then each epoch once (n_cycle 2, cycle_len 1, cycle_mult 2:

@@ -37,6 +37,8 @@ class ManifestRow:
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found; the reorganise stage writes it (dvc repro reorganise)")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
