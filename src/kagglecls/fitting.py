@@ -101,7 +101,8 @@ class StageOutputs:
         checkpoint = self.checkpoint and self.checkpoint.with_name(
             f"{self.checkpoint.stem}_{name}{self.checkpoint.suffix}"
         )
-        return StageOutputs(model=self.folds / f"{name}.pt", live=self.folds / name, checkpoint=checkpoint)
+        model = fold_model(self.model, self.folds, fold)  # where the next stage looks for it
+        return StageOutputs(model=model, live=self.folds / name, checkpoint=checkpoint)
 
 
 def each_fold(
