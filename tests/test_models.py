@@ -11,6 +11,7 @@ from kagglecls.models import (
     AdaptiveConcatPool2d,
     Classifier,
     ModelError,
+    batchnorms_in_convs,
     build_classifier,
     differential_lrs,
     freeze_to,
@@ -317,6 +318,45 @@ def test_fused_for_inference_fuses_every_conv_batchnorm_pair_of_a_copy():
     assert not any(isinstance(module, nn.BatchNorm2d) for module in fused.modules())
     assert not fused.training and all(module.training for module in ours.modules())  # the model is left as is
     assert not _changed(before, ours)["_conv_stem.weight"] and type(ours._bn0) is nn.BatchNorm2d
+
+
+def test_batchnorms_in_convs_trains_the_same_function_and_puts_the_modules_back():
+    """finetune with frozen BatchNorm statistics: each conv and its BatchNorm run as one conv, with the same
+    loss and gradients for every parameter (up to rounding); a step inside changes the model's own parameters,
+    and its modules and state_dict keys are back on the way out."""
+    model = build_classifier(
+        "efficientnet_lite0", n_classes=3, pretrained=True, head_hidden=[], head_dropout=[0.0]
+    )
+    model = model.double()
+    unfreeze(model)
+    set_train_mode(model, frozen_bn="eval", bn_statistics="frozen")
+    images = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    targets = torch.tensor([0, 1, 2, 1])
+
+    def loss_and_gradients() -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(3)  # the package's drop connect draws in train mode
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        return loss.item(), [parameter.grad.clone() for parameter in model.parameters()]
+
+    keys, modules = list(model.state_dict()), list(model.modules())
+    plain_loss, plain_gradients = loss_and_gradients()
+    before = _snapshot(model)
+    with batchnorms_in_convs(model):
+        assert not any(
+            isinstance(module, nn.BatchNorm2d) for module in model.body.modules() if module.training
+        )
+        assert sum(type(module).__name__ == "_ConvThenBatchNorm" for module in model.modules()) == 49
+        folded_loss, folded_gradients = loss_and_gradients()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert folded_loss == pytest.approx(plain_loss, rel=1e-12)
+    for plain, folded in zip(plain_gradients, folded_gradients, strict=True):  # in float64: rounding aside
+        assert torch.allclose(plain, folded, rtol=1e-9, atol=1e-12)
+    assert list(model.state_dict()) == keys and list(model.modules()) == modules
+    changed = _changed(before, model)
+    assert changed["body.network._conv_stem.weight"] and changed["body.network._bn0.weight"]
+    assert not changed["body.network._bn0.running_var"]  # frozen statistics stay
 
 
 def test_predict_probabilities_runs_the_fused_copy_and_leaves_the_model_as_it_was():

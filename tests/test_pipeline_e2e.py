@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from project_fixture import ALL_STAGES, TINY_PARAMS, environment_for, make_project, run, stages_run
 
 
@@ -179,3 +180,35 @@ def test_dvc_plots_show_draws_each_figure_once(project: Path) -> None:
     for name, (render,) in shown.items():
         if render["type"] == "vega":
             assert render["content"]["data"]["values"], f"{name}: no data"
+
+
+def test_finetune_freeze_to_one_keeps_the_early_layer_group_and_out_of_range_is_one_line(
+    project: Path,
+) -> None:
+    """fastai's learn.freeze_to(1) for finetune: the stem and the early blocks keep train_augmented's weights
+    (their BatchNorm statistics too) while the later blocks train; past the body's groups, a one-line error."""
+    overrides = ["-S", "model.arch=efficientnet_lite0", "-S", "model.pretrained=true"]
+    run(["dvc", "exp", "run", *overrides, "-S", "finetune.freeze_to=1"], project)
+    augmented = torch.load(project / "models/augmented.pt", weights_only=True)["model"]
+    finetuned = torch.load(project / "models/finetune.pt", weights_only=True)["model"]
+    early = [
+        key for key in augmented if key.startswith(("body.network._conv_stem", "body.network._blocks.5."))
+    ]
+    late = [key for key in augmented if key.startswith("body.network._blocks.15.") and "running" not in key]
+    assert early and all(torch.equal(augmented[key], finetuned[key]) for key in early)
+    assert late and not any(torch.equal(augmented[key], finetuned[key]) for key in late)
+    result = subprocess.run(
+        ["dvc", "exp", "run", "-S", "finetune.freeze_to=3"],
+        cwd=project,
+        env=environment_for(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "finetune: error: finetune.freeze_to: 3 but efficientnet_lite0's body has 2 layer groups; "
+        "set 0 (the whole body trains) to 2 (the head alone)" in output
+    )
+    assert "Traceback" not in output

@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -44,8 +45,8 @@ from kagglecls.loading import (
 )
 from kagglecls.lr_find import lr_find, suggest_lr, why_no_suggestion
 from kagglecls.manifest import file_md5
-from kagglecls.models import Classifier, differential_lrs, freeze_to, group_parameters, unfreeze
-from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params
+from kagglecls.models import Classifier, batchnorms_in_convs, differential_lrs, freeze_to, group_parameters
+from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params, ParamsError
 from kagglecls.schedule import make_schedule, sgdr_cycle_ends, sgdr_epochs
 from kagglecls.tracking import StageLive
 from kagglecls.training import FitPlan, evaluate, fit
@@ -437,14 +438,20 @@ def finetune(
     model_folds: Path,
     outputs: StageOutputs,
 ) -> None:
-    """Unfreeze; differential lrs over the layer groups; SGDR with cycle_mult; one run per size (progressive);
-    once per fold from that fold's model (`model_path`, or model_folds/fold<k>.pt)."""
+    """Unfreeze (from group freeze_to on); differential lrs over the layer groups; SGDR with cycle_mult; one run
+    per size (progressive); once per fold from that fold's model (`model_path`, or model_folds/fold<k>.pt)."""
     fit_params = params.finetune
 
     def train_fold(fold: int | str, fold_outputs: StageOutputs) -> dict | None:
         start = fold_model(model_path, model_folds, fold)
         model, _ = load_classifier(params, head_path=start, weights_key="model")
-        unfreeze(model)
+        body_groups = len(model.layer_groups) - 1
+        if fit_params.freeze_to > body_groups:
+            raise ParamsError(
+                f"finetune.freeze_to: {fit_params.freeze_to} but {params.model.arch}'s body has {body_groups} "
+                f"layer groups; set 0 (the whole body trains) to {body_groups} (the head alone)"
+            )
+        freeze_to(model, fit_params.freeze_to, frozen_bn=params.model.frozen_bn)
         return _fit_images(
             params,
             fit_params,
@@ -484,68 +491,76 @@ def _fit_images(
     context = init_distributed(params.base.device)
     device = pick_device(params.base.device, context)
     splits, classes = load_splits(reorganised, fold)
-    settings = step_settings(params, device, model, bn_statistics=bn_statistics)
-    model = to_device(model, settings)
-    trained = compiled(wrap_distributed(model, context, device), params.base.compile)
-    batch_size = fit_params.batch_size or params.base.batch_size
-    live = StageLive(stage, outputs.live) if context.is_main else None
-    histories, lrs = [], []
-    for round_index, size in enumerate(sizes):
-        train_loader, valid_loader = _augmented_loaders(
-            params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
-        )
-        optimizer, group_lrs, lr_source = _differential_optimizer(
-            fit_params,
-            model,
-            trained,
-            train_loader,
-            settings,
-            lr_ratio=lr_ratio,
-            live=live,
-            curve="lr_find" if len(sizes) == 1 else f"lr_find_{size}",
-            sweep=sweep,
-            context=context,
-        )
-        plan = plan_fit(fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed + round_index)
-        checkpoint = outputs.checkpoint and outputs.checkpoint.with_name(
-            f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}"
-        )
-        fingerprint = fingerprint_of(
-            stage,
-            asdict(params),
-            fold,
-            size,
-            [file_md5(path) for path in inputs],
-            file_md5(reorganised / "manifest.csv"),
-        )
-        offset = len(histories)
+    # With frozen statistics each BatchNorm is an affine map: it trains inside its conv, the same results faster.
+    folded = batchnorms_in_convs(model) if bn_statistics == "frozen" else nullcontext()
+    with folded:
+        settings = step_settings(params, device, model, bn_statistics=bn_statistics)
+        model = to_device(model, settings)
+        trained = compiled(wrap_distributed(model, context, device), params.base.compile)
+        batch_size = fit_params.batch_size or params.base.batch_size
+        live = StageLive(stage, outputs.live) if context.is_main else None
+        histories, lrs = [], []
+        for round_index, size in enumerate(sizes):
+            train_loader, valid_loader = _augmented_loaders(
+                params, fit_params, reorganised, cache_dir, splits, size, batch_size, context
+            )
+            optimizer, group_lrs, lr_source = _differential_optimizer(
+                fit_params,
+                model,
+                trained,
+                train_loader,
+                settings,
+                lr_ratio=lr_ratio,
+                live=live,
+                curve="lr_find" if len(sizes) == 1 else f"lr_find_{size}",
+                sweep=sweep,
+                context=context,
+            )
+            plan = plan_fit(
+                fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed + round_index
+            )
+            checkpoint = outputs.checkpoint and outputs.checkpoint.with_name(
+                f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}"
+            )
+            fingerprint = fingerprint_of(
+                stage,
+                asdict(params),
+                fold,
+                size,
+                [file_md5(path) for path in inputs],
+                file_md5(reorganised / "manifest.csv"),
+            )
+            offset = len(histories)
 
-        def in_stage(record: dict, offset: int = offset, size: int = size) -> dict:
-            """A record of this size's fit, its epoch counted across the stage's sizes."""
-            return {**record, "epoch": offset + record["epoch"], "image_size": size}
+            def in_stage(record: dict, offset: int = offset, size: int = size) -> dict:
+                """A record of this size's fit, its epoch counted across the stage's sizes."""
+                return {**record, "epoch": offset + record["epoch"], "image_size": size}
 
-        def report(record: dict, offset: int = offset) -> None:
-            if record["epoch"] or not offset:  # a later size starts from the weights the last step logged
-                live.log_epoch(in_stage(record))
+            def report(record: dict, offset: int = offset) -> None:
+                if record["epoch"] or not offset:  # a later size starts from the weights the last step logged
+                    live.log_epoch(in_stage(record))
 
-        result = fit(
-            trained,
-            optimizer,
-            plan=plan,
-            train_loader=train_loader,
-            valid_loader=valid_loader,
-            settings=settings,
-            checkpoint=checkpoint,
-            fingerprint=fingerprint,
-            context=context,
-            description=f"{stage} size {size}",
-            on_epoch=report,
-        )
-        histories += [in_stage(record) for record in result.history]
-        kept = {**result.kept, "epoch": offset + result.kept.get("epoch", 0)}
-        lrs.append(group_lrs)
-        if checkpoint is not None:
-            inputs = [*inputs, checkpoint]  # the next size's fingerprint covers the weights it starts from
+            result = fit(
+                trained,
+                optimizer,
+                plan=plan,
+                train_loader=train_loader,
+                valid_loader=valid_loader,
+                settings=settings,
+                checkpoint=checkpoint,
+                fingerprint=fingerprint,
+                context=context,
+                description=f"{stage} size {size}",
+                on_epoch=report,
+            )
+            histories += [in_stage(record) for record in result.history]
+            kept = {**result.kept, "epoch": offset + result.kept.get("epoch", 0)}
+            lrs.append(group_lrs)
+            if checkpoint is not None:
+                inputs = [
+                    *inputs,
+                    checkpoint,
+                ]  # the next size's fingerprint covers the weights it starts from
     if not context.is_main:
         return None
     save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)

@@ -189,6 +189,8 @@ class AugmentedFitParams(FitParams):
 @dataclass(frozen=True)
 class FinetuneParams(AugmentedFitParams):
     lr_ratio: float = ranged(3.0, ">= 1")
+    # fastai's learn.freeze_to(n): the body groups before n stay frozen (0: the whole body trains)
+    freeze_to: int = ranged(0, ">= 0")
     bn_statistics: Literal["frozen", "batch"] = "frozen"
     sizes: tuple[int, ...] = ranged((64,), f">= {MIN_IMAGE_SIZE}")
 
