@@ -557,10 +557,8 @@ def _fit_images(
             kept = {**result.kept, "epoch": offset + result.kept.get("epoch", 0)}
             lrs.append(group_lrs)
             if checkpoint is not None:
-                inputs = [
-                    *inputs,
-                    checkpoint,
-                ]  # the next size's fingerprint covers the weights it starts from
+                # the next size's fingerprint covers the weights it starts from
+                inputs = [*inputs, checkpoint]
     if not context.is_main:
         return None
     save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
