@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import import_module
 from pathlib import Path
 
@@ -239,6 +240,15 @@ def test_the_console_script_names_the_command() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, function = scripts["kagglecls"].split(":")
     assert getattr(import_module(module), function) is command.main
+
+
+def test_the_export_names_no_file_of_the_code_that_traced_it(exported: dict) -> None:
+    """Stack traces would put this checkout's paths in the file: the same weights exported from another folder
+    would give other bytes, another hash for DVC."""
+    with zipfile.ZipFile(exported["export"]) as archive:
+        contents = b"".join(archive.read(name) for name in archive.namelist())
+    assert str(REPO).encode() not in contents
+    assert b"kagglecls/models.py" not in contents
 
 
 def test_export_metadata_is_json_a_reader_without_kagglecls_can_use(exported: dict) -> None:

@@ -91,6 +91,10 @@ def export_model(*, params: Params, model_path: Path, out: Path) -> None:
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(fused_for_inference(model), (example,), dynamic_shapes=({0: batch},))
+    # Each node's stack trace names the files of the code that traced it: the export's bytes would depend on
+    # the folder the repository lies in, and the same weights would hash differently for DVC.
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
     metadata = {
         "format": FORMAT,
         **asdict(info),
