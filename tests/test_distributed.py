@@ -288,12 +288,13 @@ def test_finetune_under_torchrun_writes_each_output_once(distributed_finetune: t
     assert [path.name for path in (root / "models" / "folds" / "finetune").iterdir()] == ["folds.json"]
     # Written once an epoch by rank 0 while it ran, removed once finetune finished.
     assert sorted(path.name for path in (root / "models" / "checkpoints").iterdir()) == []
-    # rank 0 alone logged: the starting weights, then each epoch once (n_cycle 2, cycle_len 1, cycle_mult 2:
-    # 1 + 2), and one lr_find curve
+    # rank 0 alone logged: the starting weights, then each cycle end (n_cycle 2, cycle_len 1, cycle_mult 2:
+    # epochs 1 and 3; epoch 2 trains without a valid pass), and one lr_find curve
     live = root / "dvclive" / "finetune"
     header, *rows = (live / "plots" / "metrics" / "valid_log_loss.tsv").read_text().splitlines()
     assert header == "step\tvalid_log_loss"
-    assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
+    assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 3]
+    assert len((live / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()) == 1 + 3
     assert sorted(path.name for path in (live / "plots" / "custom").iterdir()) == ["lr_find.json"]
     summary = json.loads((live / "metrics.json").read_text())["finetune"]
     assert 0 <= summary["accuracy"] <= 1 and summary["log_loss"] > 0

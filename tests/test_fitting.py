@@ -1,8 +1,11 @@
-"""How the training stages choose their lr: fixed, lr_find's suggestion, or the documented fallback."""
+"""How the training stages choose their lr (fixed, lr_find's suggestion, or the documented fallback), and which
+epochs they validate."""
+
+from dataclasses import replace
 
 from kagglecls import fitting
 from kagglecls.lr_find import LrFindResult
-from kagglecls.params import FitParams, LrFindParams
+from kagglecls.params import FinetuneParams, FitParams, LrFindParams
 
 
 def test_choose_lr_falls_back_with_a_warning_where_the_sweep_cannot_suggest(monkeypatch, caplog):
@@ -15,3 +18,20 @@ def test_choose_lr_falls_back_with_a_warning_where_the_sweep_cannot_suggest(monk
     assert fitting.choose_lr(
         FitParams(lr=0.01), model=None, optimizer=None, loader=None, settings=None, live=None
     ) == (0.01, "fixed")
+
+
+def test_plan_fit_validates_the_cycle_ends_unless_asked_for_every_epoch():
+    finetune = FinetuneParams(n_cycle=3, cycle_len=1, cycle_mult=2)  # 1 + 2 + 4 epochs
+    plan = fitting.plan_fit(finetune, steps_per_epoch=5, seed=1)
+    assert plan.epochs == 7
+    assert plan.snapshot_epochs == (0, 1, 3, 7)
+    assert plan.valid_epochs == (1, 3, 7)
+    last = fitting.plan_fit(replace(finetune, keep="last_epoch"), steps_per_epoch=5, seed=1)
+    assert (last.snapshot_epochs, last.valid_epochs) == ((), (1, 3, 7))
+    every = fitting.plan_fit(replace(finetune, validate="every_epoch"), steps_per_epoch=5, seed=1)
+    assert (every.snapshot_epochs, every.valid_epochs) == ((0, 1, 3, 7), None)
+    one_cycle = fitting.plan_fit(replace(finetune, schedule="one_cycle"), steps_per_epoch=5, seed=1)
+    assert (one_cycle.snapshot_epochs, one_cycle.valid_epochs) == ((0, 7), (7,))
+    # The head's epochs (no keep, no validate): every epoch, the last kept.
+    head = fitting.plan_fit(FitParams(n_cycle=2, cycle_len=1, cycle_mult=2), steps_per_epoch=5, seed=1)
+    assert (head.epochs, head.snapshot_epochs, head.valid_epochs) == (3, (), None)

@@ -389,6 +389,7 @@ def _run_fit(
     model_seed: int = 0,
     epochs: int = 3,
     snapshot_epochs: tuple[int, ...] = (),
+    valid_epochs: tuple[int, ...] | None = None,
     compile: bool = False,
     batch_norm: bool = True,
 ):
@@ -399,6 +400,7 @@ def _run_fit(
     plan = FitPlan(
         epochs=epochs,
         snapshot_epochs=snapshot_epochs,
+        valid_epochs=valid_epochs,
         steps_per_epoch=steps,
         schedule=make_schedule(
             "sgdr", steps_per_epoch=steps, n_cycle=2, cycle_len=1, cycle_mult=2, warmup=False
@@ -529,6 +531,22 @@ def test_fit_keeps_the_best_cycle_end(monkeypatch):
     _evaluations(monkeypatch, [0.5])
     one_epoch_model, _, _ = _run_fit(epochs=1)  # the same first epoch: each epoch reseeds from the plan
     _assert_same_state(one_epoch_model.state_dict(), kept_model.state_dict())
+
+
+def test_fit_validates_only_the_epochs_of_its_plan_and_keeps_the_best_of_them(monkeypatch):
+    # start 0.9; epochs 1 and 3 (the cycle ends): 0.5, 0.4. Epoch 2 trains without a valid pass.
+    _evaluations(monkeypatch, [0.9, 0.5, 0.4])
+    kept_model, _, history = _run_fit(snapshot_epochs=(0, 1, 3), valid_epochs=(1, 3))
+    assert [record.get("valid_log_loss") for record in history] == [0.5, None, 0.4]
+    assert set(history[1]) == {"epoch", "train_loss", "lr"}
+    _evaluations(monkeypatch, [0.9, 0.5, 0.2, 0.4])
+    every_model, _, every_history = _run_fit(snapshot_epochs=(0, 1, 3))  # the same evaluations, none skipped
+    assert [record["train_loss"] for record in history] == [record["train_loss"] for record in every_history]
+    _assert_same_state(every_model.state_dict(), kept_model.state_dict())  # epoch 3 in both
+    # The last epoch is always validated, whatever the plan says.
+    _evaluations(monkeypatch, [0.7])
+    _, _, last_only = _run_fit(valid_epochs=())
+    assert [record.get("valid_log_loss") for record in last_only] == [None, None, 0.7]
 
 
 def test_fit_keeps_the_weights_it_started_from_when_no_cycle_end_beats_them(monkeypatch):

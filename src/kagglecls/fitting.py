@@ -195,17 +195,21 @@ def plan_fit(fit_params: FitParams, *, steps_per_epoch: int, seed: int) -> FitPl
     schedule = make_schedule(
         fit_params.schedule, steps_per_epoch=steps_per_epoch, warmup=fit_params.warmup, **cycles
     )
+    ends = [epochs]  # one_cycle has a single cycle
+    if fit_params.schedule == "sgdr":
+        ends = sorted({*(end for end in sgdr_cycle_ends(**cycles) if end <= epochs), epochs})
     snapshots: tuple[int, ...] = ()
     if getattr(fit_params, "keep", "last_epoch") == "best_cycle_end":
-        # one_cycle has a single cycle: only its end and the start are candidates.
-        ends = sgdr_cycle_ends(**cycles) if fit_params.schedule == "sgdr" else [epochs]
-        snapshots = (0, *(end for end in ends if end <= epochs))
+        snapshots = (0, *ends)  # the start and each cycle end are the candidates
+    # Mid-cycle weights (high lr) are never kept: by default only the cycle ends are validated.
+    every_epoch = getattr(fit_params, "validate", "every_epoch") == "every_epoch"
     return FitPlan(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         schedule=schedule,
         seed=seed,
         snapshot_epochs=snapshots,
+        valid_epochs=None if every_epoch else tuple(ends),
         label_smoothing=getattr(fit_params, "label_smoothing", 0.0),
         mixup=getattr(fit_params, "mixup", 0.0),
     )

@@ -181,6 +181,9 @@ class AugmentedFitParams(FitParams):
     max_zoom: float = ranged(1.1, ">= 1")
     # best_cycle_end: the weights at the cycle end (or the start) with the lowest valid log loss; last_epoch
     keep: Literal["best_cycle_end", "last_epoch"] = "best_cycle_end"
+    # cycle_ends: valid figures at each cycle end (the only epochs keep can choose), the start and the last
+    # epoch; every_epoch: after each epoch too, as fastai's table (costs a valid pass each)
+    validate: Literal["cycle_ends", "every_epoch"] = "cycle_ends"
     label_smoothing: float = ranged(0.0, "[0, 1)")  # of the training targets: caps the model's confidence
     # Beta's alpha for mixing training images and targets (fastai: 0.4); 0: off
     mixup: float = ranged(0.0, ">= 0")

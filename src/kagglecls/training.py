@@ -123,6 +123,8 @@ class FitPlan:
     # Epochs whose weights may be kept (SGDR's cycle ends; 0: the weights the fit starts from): the fit ends
     # with the weights of the one with the lowest valid log loss. Empty: the last epoch's weights.
     snapshot_epochs: tuple[int, ...] = ()
+    # Epochs whose valid figures are computed (a fit's last epoch always is); None: every epoch.
+    valid_epochs: tuple[int, ...] | None = None
     label_smoothing: float = 0.0  # of the training loss (nn.CrossEntropyLoss); valid figures never smooth
     mixup: float = 0.0  # Beta's alpha for mixup of the training batches; 0: off
 
@@ -213,8 +215,15 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
     factors = [plan.schedule.factor_at(step) for step in range(first, first + plan.steps_per_epoch)]
     # lr: the top layer group's, averaged over the epoch's steps
     record = {"epoch": epoch + 1, "train_loss": record["train_loss"], "lr": top_lr * float(np.mean(factors))}
+    number = epoch + 1
+    validated = (
+        plan.valid_epochs is None
+        or number in plan.valid_epochs
+        or number in plan.snapshot_epochs
+        or number == plan.epochs
+    )
     if context.is_main:
-        if valid_loader is not None:
+        if valid_loader is not None and validated:
             record.update(evaluate(unwrapped(model), valid_loader, settings=settings))
         log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
     return record
