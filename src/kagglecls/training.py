@@ -128,6 +128,11 @@ class FitPlan:
     label_smoothing: float = 0.0  # of the training loss (nn.CrossEntropyLoss); valid figures never smooth
     mixup: float = 0.0  # Beta's alpha for mixup of the training batches; 0: off
 
+    def validates(self, epoch: int) -> bool:
+        """Whether `epoch` (1-based) gets valid figures: every epoch, or valid_epochs, the epochs whose weights
+        may be kept and the last."""
+        return self.valid_epochs is None or epoch in {*self.valid_epochs, *self.snapshot_epochs, self.epochs}
+
 
 @dataclass(frozen=True)
 class FitResult:
@@ -150,10 +155,11 @@ def fit(
     description: str = "fit",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train plan.epochs epochs, evaluating, checkpointing and reseeding from (seed, epoch) each, so a resumed
-    run ends the same; with plan.snapshot_epochs the best of those epochs' weights (valid log loss) is
-    kept. `on_epoch` gets each epoch's record on rank 0 as it ends (a resumed run's earlier ones first).
-    Without a valid_loader (a model of all the data) there are no valid figures and the last epoch is kept."""
+    """Train plan.epochs epochs, evaluating (each, or plan.valid_epochs), checkpointing and reseeding from
+    (seed, epoch) each, so a resumed run ends the same; with plan.snapshot_epochs the best of those epochs'
+    weights (valid log loss) is kept. `on_epoch` gets each epoch's record on rank 0 as it ends (a resumed
+    run's earlier ones first). Without a valid_loader (a model of all the data) there are no valid figures
+    and the last epoch is kept."""
     if valid_loader is None:
         plan = replace(plan, snapshot_epochs=())
     history, start_epoch, best = resume(checkpoint, fingerprint, model, optimizer)
@@ -213,19 +219,13 @@ def _one_epoch(model, optimizer, plan, epoch, train_loader, valid_loader, settin
     )
     first, top_lr = epoch * plan.steps_per_epoch, optimizer.param_groups[-1]["initial_lr"]
     factors = [plan.schedule.factor_at(step) for step in range(first, first + plan.steps_per_epoch)]
-    # lr: the top layer group's, averaged over the epoch's steps
-    record = {"epoch": epoch + 1, "train_loss": record["train_loss"], "lr": top_lr * float(np.mean(factors))}
     number = epoch + 1
-    validated = (
-        plan.valid_epochs is None
-        or number in plan.valid_epochs
-        or number in plan.snapshot_epochs
-        or number == plan.epochs
-    )
+    # lr: the top layer group's, averaged over the epoch's steps
+    record = {"epoch": number, "train_loss": record["train_loss"], "lr": top_lr * float(np.mean(factors))}
     if context.is_main:
-        if valid_loader is not None and validated:
+        if valid_loader is not None and plan.validates(number):
             record.update(evaluate(unwrapped(model), valid_loader, settings=settings))
-        log.info("%s epoch %d/%d: %s", description, epoch + 1, plan.epochs, _format(record))
+        log.info("%s epoch %d/%d: %s", description, number, plan.epochs, _format(record))
     return record
 
 
