@@ -189,6 +189,12 @@ def test_train_preset_geometry_is_a_flip_rotation_zoom_and_crop():
     )
 
 
+def test_basic_preset_rotates_but_never_flips():
+    maps = [_train_preset_map("basic", seed)[:2, :2] for seed in range(200)]
+    assert all(np.linalg.det(linear) > 0 for linear in maps)  # a flip reverses orientation
+    assert 0.6 < np.mean([not np.allclose(linear, np.eye(2)) for linear in maps]) < 0.9  # rotated, p = 0.75
+
+
 def test_train_preset_zoom_stays_within_max_zoom():
     preset = TrainPreset(size=32, augmentation="side_on", max_zoom=1.5, normalisation=LITE)
     scales = []

@@ -90,7 +90,16 @@ def _pipeline_tta(exported: dict, files: list[Path]) -> tuple[np.ndarray, np.nda
     settings = step_settings(PARAMS, torch.device("cpu"))
     model = to_device(exported["model"], settings)
     cache = exported["root"] / "cache"
-    return predict._tta(PARAMS, model, exported["folder"], cache, split, size=32, settings=settings)
+    return predict._tta(
+        PARAMS,
+        model,
+        exported["folder"],
+        cache,
+        split,
+        size=32,
+        settings=settings,
+        augmentation=PARAMS.finetune.augmentation,
+    )
 
 
 def test_export_predicts_what_predict_tta_predicts_plain_and_with_tta(exported: dict) -> None:

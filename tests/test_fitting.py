@@ -3,7 +3,10 @@ epochs they validate."""
 
 from dataclasses import replace
 
+import torch
+
 from kagglecls import fitting
+from kagglecls.loading import trained_augmentation
 from kagglecls.lr_find import LrFindResult
 from kagglecls.params import FinetuneParams, FitParams, LrFindParams
 
@@ -35,3 +38,20 @@ def test_plan_fit_validates_the_cycle_ends_unless_asked_for_every_epoch():
     # The head's epochs (no keep, no validate): every epoch, the last kept.
     head = fitting.plan_fit(FitParams(n_cycle=2, cycle_len=1, cycle_mult=2), steps_per_epoch=5, seed=1)
     assert (head.epochs, head.snapshot_epochs, head.valid_epochs) == (3, (), None)
+
+
+def test_augmentation_auto_drops_flips_where_a_mirror_raises_the_valid_log_loss():
+    assert fitting.augmentation_for(0.50, 0.52) == "side_on"  # photos: a mirror keeps the class
+    assert fitting.augmentation_for(0.50, 0.50 * fitting.MIRROR_TOLERANCE) == "side_on"
+    assert fitting.augmentation_for(0.50, 0.50 * fitting.MIRROR_TOLERANCE + 1e-6) == "basic"
+    assert fitting.augmentation_for(0.60, 1.90) == "basic"  # digits: a mirrored 2 is no 2
+
+
+def test_trained_augmentation_is_the_stages_own_or_else_the_models(tmp_path):
+    chosen, silent = tmp_path / "chosen.pt", tmp_path / "silent.pt"
+    torch.save({"model": {}, "classes": ["a"], "augmentation": "basic"}, chosen)
+    torch.save({"model": {}, "classes": ["a"]}, silent)
+    auto, top_down = FinetuneParams(augmentation="auto"), FinetuneParams(augmentation="top_down")
+    assert trained_augmentation(auto, chosen) == "basic"
+    assert trained_augmentation(auto, silent) == "side_on"  # a model saved before the choice was recorded
+    assert trained_augmentation(top_down, chosen) == "top_down"

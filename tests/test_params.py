@@ -146,7 +146,7 @@ def test_wrong_type_names_key_value_and_type(raw, expected):
         ),
         (
             {"train_augmented": {"augmentation": "spin"}},
-            "train_augmented.augmentation: 'spin' is not allowed; expected one of side_on, top_down, none",
+            "train_augmented.augmentation: 'spin' is not allowed; expected one of auto, side_on, top_down, basic, none",
         ),
         (
             {"train_head": {"lr_find": {"start_lr": 0}}},

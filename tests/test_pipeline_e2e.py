@@ -18,6 +18,8 @@ import pytest
 import torch
 from project_fixture import ALL_STAGES, TINY_PARAMS, environment_for, make_project, run, stages_run
 
+from kagglecls.fitting import augmentation_for
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -71,6 +73,14 @@ def test_every_stage_summarises_its_valid_figures_under_its_name(project: Path) 
         assert summary["log_loss"] > 0
     assert _summary(project, "train_head")["l2_used"] > 0
     assert _summary(project, "finetune")["lr_used"] == 0.0005
+    # augmentation auto: chosen by train_augmented from its mirror check, then finetune trains with the same
+    augmented = _summary(project, "train_augmented")
+    assert augmented["augmentation"] == augmentation_for(
+        augmented["mirror_check_log_loss"], augmented["mirror_check_log_loss_mirrored"]
+    )
+    assert _summary(project, "finetune")["augmentation"] == augmented["augmentation"]
+    finetuned = torch.load(project / "models/finetune.pt", weights_only=True)
+    assert finetuned["augmentation"] == augmented["augmentation"]
     assert _summary(project, "predict_tta")["log_loss_no_tta"] > 0
     for picture in ("plots/size_histogram.png", "dvclive/predict_tta/plots/images/top_losses.png"):
         assert (project / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -72,8 +72,9 @@ class EvalPreset:
 
 class TrainPreset:
     """fastai's transforms: zoom (shorter side to [size, size x max_zoom]), rotate up to 10 deg (p=0.75),
-    random crop, flip, lighting; `top_down` adds vertical flips and transposes. Zoom, rotation, crop and flips
-    are one affine map, so each image is resampled once; randomness comes only from the `rng` given per item."""
+    random crop, lighting (`basic`, fastai 0.7's transforms_basic), and a horizontal flip (`side_on`); `top_down`
+    adds vertical flips and transposes. Zoom, rotation, crop and flips are one affine map, so each image is
+    resampled once; randomness comes only from the `rng` given per item."""
 
     def __init__(
         self, *, size: int, augmentation: str, max_zoom: float, normalisation: Normalisation
@@ -114,7 +115,7 @@ class TrainPreset:
                 matrix = _affine(0, 1, 0, 1, 0, 0) @ matrix  # transpose
             if rng.random() < 0.5:
                 matrix = _affine(1, 0, 0, 0, -1, size) @ matrix  # vertical flip
-        if rng.random() < 0.5:
+        if self.augmentation != "basic" and rng.random() < 0.5:
             matrix = _affine(-1, 0, size, 0, 1, 0) @ matrix  # horizontal flip
         matrix = _affine(1, 0, crop_x, 0, 1, crop_y) @ matrix
         centre_x, centre_y = resized_width / 2, resized_height / 2

@@ -23,7 +23,7 @@ from torch import nn
 from kagglecls.atomic import write_file
 from kagglecls.data import cache_short_side
 from kagglecls.errors import UserError
-from kagglecls.loading import load_classifier, normalisation_for
+from kagglecls.loading import load_classifier, normalisation_for, trained_augmentation
 from kagglecls.models import fused_for_inference
 from kagglecls.params import Params
 
@@ -51,7 +51,7 @@ class ExportError(UserError):
 class TtaSettings:
     n_aug: int  # augmented views per image, besides the plain one
     beta: float  # weight of the plain view
-    augmentation: str  # side_on | top_down | none
+    augmentation: str  # side_on | top_down | basic | none: the one the model was trained with
     max_zoom: float
     seed: int  # base.seed
 
@@ -82,7 +82,7 @@ def export_model(*, params: Params, model_path: Path, out: Path) -> None:
         tta=TtaSettings(
             n_aug=params.predict_tta.n_aug,
             beta=params.predict_tta.beta,
-            augmentation=params.finetune.augmentation,
+            augmentation=trained_augmentation(params.finetune, model_path),
             max_zoom=params.finetune.max_zoom,
             seed=params.base.seed,
         ),

@@ -18,6 +18,7 @@ from torch import nn
 from kagglecls import logistic
 from kagglecls.atomic import write_json
 from kagglecls.checkpoints import fingerprint_of, save_atomic
+from kagglecls.data import EvalPreset
 from kagglecls.device import (
     DistributedContext,
     StepSettings,
@@ -39,9 +40,11 @@ from kagglecls.loading import (
     image_loader,
     load_classifier,
     load_splits,
+    normalisation_for,
     presets,
     step_settings,
     to_device,
+    trained_augmentation,
 )
 from kagglecls.lr_find import lr_find, suggest_lr, why_no_suggestion
 from kagglecls.manifest import file_md5
@@ -49,7 +52,7 @@ from kagglecls.models import Classifier, batchnorms_in_convs, differential_lrs, 
 from kagglecls.params import AugmentedFitParams, FitParams, HeadParams, Params, ParamsError
 from kagglecls.schedule import make_schedule, sgdr_cycle_ends, sgdr_epochs
 from kagglecls.tracking import StageLive
-from kagglecls.training import FitPlan, evaluate, fit
+from kagglecls.training import FitPlan, evaluate, fit, mirror_log_losses
 
 log = logging.getLogger(__name__)
 
@@ -380,12 +383,24 @@ def train_augmented(
     outputs: StageOutputs,
 ) -> None:
     """The head trained on augmented images through the frozen body (precompute=False), SGDR with cycle_len,
-    once per fold from that fold's head (`head_path`, or head_folds/fold<k>.pt)."""
+    once per fold from that fold's head (`head_path`, or head_folds/fold<k>.pt). Augmentation auto is chosen
+    once, on fold 1 (choose_augmentation), for every fold."""
+    checked = {}
+    if params.train_augmented.augmentation == "auto":
+        augmentation, checked = choose_augmentation(params, reorganised, cache_dir, head_path=head_path)
+        params = replace(params, train_augmented=replace(params.train_augmented, augmentation=augmentation))
 
     def train_fold(fold: int | str, fold_outputs: StageOutputs) -> dict | None:
         head = fold_model(head_path, head_folds, fold)
         return _train_augmented_fold(
-            params, fold, reorganised, cache_dir, features_dir, head_path=head, outputs=fold_outputs
+            params,
+            fold,
+            reorganised,
+            cache_dir,
+            features_dir,
+            head_path=head,
+            outputs=fold_outputs,
+            extra=checked,
         )
 
     each_fold("train_augmented", reorganised, outputs, train_fold, train_on_all=params.final.train_on_all)
@@ -400,6 +415,7 @@ def _train_augmented_fold(
     *,
     head_path: Path,
     outputs: StageOutputs,
+    extra: dict,
 ) -> dict | None:
     """With lr auto and frozen_bn eval, lr_find sweeps a fresh head on the activations, as fastai 0.7's lesson
     did."""
@@ -430,6 +446,7 @@ def _train_augmented_fold(
         stage="train_augmented",
         inputs=[head_path],
         sweep=sweep,
+        extra=extra,
     )
 
 
@@ -449,6 +466,7 @@ def finetune(
     def train_fold(fold: int | str, fold_outputs: StageOutputs) -> dict | None:
         start = fold_model(model_path, model_folds, fold)
         model, _ = load_classifier(params, head_path=start, weights_key="model")
+        augmentation = trained_augmentation(fit_params, start)
         body_groups = len(model.layer_groups) - 1
         if fit_params.freeze_to > body_groups:
             raise ParamsError(
@@ -458,7 +476,7 @@ def finetune(
         freeze_to(model, fit_params.freeze_to, frozen_bn=params.model.frozen_bn)
         return _fit_images(
             params,
-            fit_params,
+            replace(fit_params, augmentation=augmentation),
             model,
             fold=fold,
             reorganised=reorganised,
@@ -489,8 +507,10 @@ def _fit_images(
     stage: str,
     inputs: Sequence[Path],
     sweep: HeadSweep | None = None,
+    extra: dict | None = None,
 ) -> dict | None:
-    """Fit one fold; its summary figures (None on torchrun's other ranks)."""
+    """Fit one fold, with `fit_params`' augmentation (resolved, not auto), which the saved model records; its
+    summary figures (None on torchrun's other ranks), with `extra`."""
     seed_everything(params.base.seed)
     context = init_distributed(params.base.device)
     device = pick_device(params.base.device, context)
@@ -565,15 +585,70 @@ def _fit_images(
                 inputs = [*inputs, checkpoint]
     if not context.is_main:
         return None
-    save_atomic({"model": model.state_dict(), "classes": classes}, outputs.model)
+    # The augmentation goes with the weights: finetune's auto trains with it, TTA draws its views with it.
+    state = {"model": model.state_dict(), "classes": classes, "augmentation": fit_params.augmentation}
+    save_atomic(state, outputs.model)
     log.info("%s: lrs %s (%s)", stage, ", ".join(f"{lr:.3g}" for lr in lrs[-1]), lr_source)
     figures = summarise_stage(
         live,
         histories,
         kept=kept if fit_params.keep == "best_cycle_end" else None,
         lr_used=lrs[-1][-1],  # the head's; the groups below it divide it by lr_ratio
+        augmentation=fit_params.augmentation,
+        **(extra or {}),
     )
     return figures
+
+
+# augmentation auto: a mirror that keeps the class leaves the head's valid log loss where it was; past this
+# ratio, the mirror changes the class and training flips would teach the wrong thing (bench/README).
+MIRROR_TOLERANCE = 1.25
+
+
+def augmentation_for(log_loss: float, mirrored_log_loss: float) -> str:
+    """side_on where mirrored images score about as well as the images as they are, else basic."""
+    return "side_on" if mirrored_log_loss <= MIRROR_TOLERANCE * log_loss else "basic"
+
+
+def choose_augmentation(
+    params: Params, reorganised: Path, cache_dir: Path, *, head_path: Path
+) -> tuple[str, dict[str, float]]:
+    """augmentation auto: side_on, or basic (no flips) where mirroring fold 1's valid images raises the valid
+    log loss of train_head's model (the frozen body and its head) past MIRROR_TOLERANCE times its log loss on
+    the images as they are; also those two figures (none without valid images: side_on, fastai's default)."""
+    splits, _ = load_splits(reorganised, 1)
+    if not splits["valid"].rows:
+        log.info("augmentation auto: side_on (no valid images to check mirrors on)")
+        return "side_on", {}
+    context = init_distributed(params.base.device)
+    device = pick_device(params.base.device, context)
+    settings = step_settings(params, device)
+    model = to_device(load_classifier(params, head_path=head_path, weights_key="head")[0], settings)
+    size = params.base.image_size
+    loader = image_loader(
+        params,
+        reorganised,
+        cache_dir,
+        splits["valid"],
+        transform=EvalPreset(size=size, normalisation=normalisation_for(params)),
+        shuffle=False,
+        size=size,
+        batch_size=params.precompute.batch_size,
+        context=context,
+    )
+    losses = mirror_log_losses(model, loader, settings=settings)
+    # Every rank checked alone; the mean makes them agree even if a GPU kernel is not bit-deterministic.
+    plain, mirrored = (loss / context.world_size for loss in reduce_sums(losses, context, device))
+    augmentation = augmentation_for(plain, mirrored)
+    log.info(
+        "augmentation auto: %s (valid log loss %.4f, mirrored %.4f: %.2f times, tolerance %.2f)",
+        augmentation,
+        plain,
+        mirrored,
+        mirrored / plain,
+        MIRROR_TOLERANCE,
+    )
+    return augmentation, {"mirror_check_log_loss": plain, "mirror_check_log_loss_mirrored": mirrored}
 
 
 def _differential_optimizer(

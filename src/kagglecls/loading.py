@@ -113,8 +113,20 @@ def normalisation_for(params: Params) -> Normalisation:
     return Normalisation(mean=mean, std=std)
 
 
+def trained_augmentation(fit_params: AugmentedFitParams, model_path: Path) -> str:
+    """The stage's augmentation: its own unless `auto`, then the one the model of `model_path` was trained with
+    (side_on for a file that does not say)."""
+    if fit_params.augmentation != "auto":
+        return fit_params.augmentation
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    return state.get("augmentation", "side_on")
+
+
 def presets(params: Params, augmented: AugmentedFitParams, size: int) -> tuple[TrainPreset, EvalPreset]:
-    """The augmented (train) and plain (eval) transforms at `size`, with the arch's normalisation."""
+    """The augmented (train) and plain (eval) transforms at `size`, with the arch's normalisation; `augmented`'s
+    augmentation resolved (not auto)."""
+    if augmented.augmentation == "auto":
+        raise ValueError("presets: augmentation auto must be resolved first (trained_augmentation)")
     normalisation = normalisation_for(params)
     train = TrainPreset(
         size=size,

@@ -9,7 +9,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from kagglecls.loading import (
     presets,
     step_settings,
     to_device,
+    trained_augmentation,
 )
 from kagglecls.params import Params
 from kagglecls.tracking import StageLive
@@ -123,18 +124,26 @@ def _fold_predictions(
     held_out, tta, plain, test_folds = [], [], [], []
     for fold in range(1, folds + 1):
         splits, classes = load_splits(reorganised, fold)
-        model, _ = load_classifier(
-            params, head_path=fold_model(model_path, model_folds, fold), weights_key="model"
-        )
-        model = to_device(model, settings)
+        path = fold_model(model_path, model_folds, fold)
+        model = to_device(load_classifier(params, head_path=path, weights_key="model")[0], settings)
+        augmentation = trained_augmentation(params.finetune, path)
         valid, valid_plain = _tta(
-            params, model, reorganised, cache_dir, splits["valid"], size=size, settings=settings
+            params,
+            model,
+            reorganised,
+            cache_dir,
+            splits["valid"],
+            size=size,
+            settings=settings,
+            augmentation=augmentation,
         )
         held_out.append(splits["valid"])
         tta.append(valid)
         plain.append(valid_plain)
         test_folds.append(
-            _test_tta(params, model, reorganised, cache_dir, splits["test"], len(classes), settings)
+            _test_tta(
+                params, model, reorganised, cache_dir, splits["test"], len(classes), settings, augmentation
+            )
         )
         if folds > 1:
             fold_loss = log_loss(valid, splits["valid"].labels)
@@ -148,11 +157,15 @@ def _fold_predictions(
     )
 
 
-def _test_tta(params, model, reorganised, cache_dir, test: Split, n_classes: int, settings) -> np.ndarray:
+def _test_tta(
+    params, model, reorganised, cache_dir, test: Split, n_classes: int, settings, augmentation: str
+) -> np.ndarray:
     if not test.rows:
         return np.zeros((0, n_classes))
     size = params.finetune.sizes[-1]
-    return _tta(params, model, reorganised, cache_dir, test, size=size, settings=settings)[0]
+    return _tta(
+        params, model, reorganised, cache_dir, test, size=size, settings=settings, augmentation=augmentation
+    )[0]
 
 
 def submitted_probabilities(
@@ -175,8 +188,9 @@ def submitted_probabilities(
         return combine_folds(test_folds, params.cv.ensemble), saved
     model, _ = load_classifier(params, head_path=all_data_model, weights_key="model")
     model = to_device(model, settings)
+    augmentation = trained_augmentation(params.finetune, all_data_model)
     saved["all"] = _test_tta(
-        params, model, reorganised, cache_dir, predicted.test, len(predicted.classes), settings
+        params, model, reorganised, cache_dir, predicted.test, len(predicted.classes), settings, augmentation
     )
     members = [saved["all"], *test_folds] if params.final.submit == "all_and_folds" else [saved["all"]]
     return combine_folds(members, params.cv.ensemble), saved
@@ -195,10 +209,12 @@ def combine_folds(probabilities: Sequence[np.ndarray], how: str) -> np.ndarray:
     return combined / combined.sum(axis=1, keepdims=True)
 
 
-def _tta(params, model, reorganised, cache_dir, split, *, size, settings) -> tuple[np.ndarray, np.ndarray]:
+def _tta(
+    params, model, reorganised, cache_dir, split, *, size, settings, augmentation: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(TTA probabilities, plain-pass probabilities) for the split's images, in its order: one pass over the
-    images, each decoded once into its plain view and n_aug augmented ones."""
-    augmented, plain = presets(params, params.finetune, size)
+    images, each decoded once into its plain view and n_aug views augmented as the model was trained."""
+    augmented, plain = presets(params, replace(params.finetune, augmentation=augmentation), size)
     views = TtaViews(plain=plain, augmented=augmented, n_aug=params.predict_tta.n_aug)
     loader = image_loader(
         params,
