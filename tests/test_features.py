@@ -58,10 +58,16 @@ def test_head_on_stored_features_predicts_as_the_full_model(tmp_path):
     labels = np.array([0, 1, 2, 3, 0, 1])
     loader = DataLoader(TensorDataset(images, torch.from_numpy(labels)), batch_size=4)
     path = tmp_path / "train.npy"
-    write_features(model, loader, n_items=6, path=path, settings=CPU, description="precompute")
+    pixels = tmp_path / "train_pixels.npy"
+    write_features(
+        model, loader, n_items=6, path=path, settings=CPU, description="precompute", pixels_path=pixels
+    )
     stored = np.load(path)
     assert (stored.dtype, stored.shape) == (np.float16, (6, 2 * 1280))
-    assert sorted(item.name for item in tmp_path.iterdir()) == ["train.npy"]
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["train.npy", "train_pixels.npy"]
+    # the mirror check's view: each image's pixels averaged over 4 x 4 blocks (64 px to a 16 x 16 grid)
+    blocks = images.reshape(6, 3, 16, 4, 16, 4).mean(dim=(3, 5)).flatten(1)
+    np.testing.assert_allclose(np.load(pixels), blocks.numpy(), atol=2e-3)
     with torch.no_grad():  # same batches as write_features: the same float32 sums
         exact_features = torch.cat([model.features(inputs) for inputs, _targets in loader])
     assert np.array_equal(stored, exact_features.numpy().astype(np.float16))  # rows in order, eval mode

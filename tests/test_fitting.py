@@ -1,13 +1,18 @@
 """How the training stages choose their lr (fixed, lr_find's suggestion, or the documented fallback), and which
 epochs they validate."""
 
+import json
 from dataclasses import replace
 
+import numpy as np
+import pytest
 import torch
 
 from kagglecls import fitting
+from kagglecls.features import PIXEL_GRID
 from kagglecls.loading import trained_augmentation
 from kagglecls.lr_find import LrFindResult
+from kagglecls.manifest import ManifestRow, write_manifest
 from kagglecls.params import FinetuneParams, FitParams, LrFindParams
 
 
@@ -45,6 +50,59 @@ def test_augmentation_auto_drops_flips_where_a_mirror_raises_the_valid_log_loss(
     assert fitting.augmentation_for(0.50, 0.50 * fitting.MIRROR_TOLERANCE) == "side_on"
     assert fitting.augmentation_for(0.50, 0.50 * fitting.MIRROR_TOLERANCE + 1e-6) == "basic"
     assert fitting.augmentation_for(0.60, 1.90) == "basic"  # digits: a mirrored 2 is no 2
+
+
+def _pixel_competition(tmp_path, bright_half) -> tuple:
+    """A reorganised folder of 40 training and 20 valid images, two classes, and precompute's pixel grids:
+    each image noise, brighter over the half of the grid `bright_half(label)` gives."""
+    rng = np.random.default_rng(0)
+    rows, grids = [], {"train": [], "valid": []}
+    for split, count in (("train", 40), ("valid", 20)):
+        for index in range(count):
+            label = "ab"[index % 2]
+            rows.append(
+                ManifestRow(
+                    f"{split}/{split}{index}.png",
+                    label,
+                    split,
+                    f"{split}{index}",
+                    "0" * 32,
+                    8,
+                    8,
+                    int(split == "valid"),
+                )
+            )
+            grid = rng.normal(size=(3, PIXEL_GRID, PIXEL_GRID))
+            grid[bright_half(label)] += 1.5
+            grids[split].append(grid.ravel())
+    write_manifest(rows, tmp_path / "manifest.csv")
+    (tmp_path / "classes.json").write_text(
+        json.dumps({"classes": ["a", "b"], "prior": [0.5, 0.5], "warnings": []})
+    )
+    features = tmp_path / "features"
+    features.mkdir()
+    for split, values in grids.items():
+        np.save(features / f"{split}_pixels.npy", np.array(values, dtype=np.float16))
+    return tmp_path, features
+
+
+@pytest.mark.parametrize(
+    ("bright_half", "expected"),
+    [
+        (lambda label: np.s_[:, :, :8] if label == "a" else np.s_[:, :, 8:], "basic"),  # left or right
+        (lambda label: np.s_[:, :8, :] if label == "a" else np.s_[:, 8:, :], "side_on"),  # top or bottom
+    ],
+    ids=["left_or_right", "top_or_bottom"],
+)
+def test_choose_augmentation_drops_flips_only_where_the_class_is_left_or_right(
+    tmp_path, bright_half, expected
+):
+    reorganised, features = _pixel_competition(tmp_path, bright_half)
+    augmentation, figures = fitting.choose_augmentation(reorganised, features)
+    assert augmentation == expected
+    assert figures["mirror_check_log_loss"] < 0.3  # the check's classifier tells the classes apart
+    ratio = figures["mirror_check_log_loss_mirrored"] / figures["mirror_check_log_loss"]
+    assert ratio > 3 if expected == "basic" else ratio < 1.2
 
 
 def test_trained_augmentation_is_the_stages_own_or_else_the_models(tmp_path):

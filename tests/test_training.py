@@ -28,7 +28,6 @@ from kagglecls.training import (
     evaluate,
     fit,
     log_loss,
-    mirror_log_losses,
     predict_probabilities,
     train_one_epoch,
 )
@@ -146,32 +145,6 @@ def test_predict_probabilities_of_several_views_per_item():
         one_view = DataLoader(TensorDataset(views[:, view], targets), batch_size=4)
         expected, _ = predict_probabilities(model, one_view, settings=CPU)
         np.testing.assert_allclose(probabilities[:, view], expected, rtol=1e-5, atol=1e-6)
-
-
-class _LeftMinusRight(nn.Module):
-    """Two classes told apart by which half of the image is brighter: a model a mirror fools."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        half = images.shape[-1] // 2
-        difference = 4 * (images[..., :half].mean(dim=(1, 2, 3)) - images[..., half:].mean(dim=(1, 2, 3)))
-        return torch.stack([difference, -difference], dim=1)
-
-
-def test_mirror_log_losses_are_the_plain_and_the_mirrored_images_log_losses():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(12, 3, 8, 8, generator=generator)
-    targets = torch.tensor([0, 1] * 6)
-    images[targets == 0, ..., :4] += 1  # class 0 brighter on the left, class 1 on the right
-    images[targets == 1, ..., 4:] += 1
-    loader = DataLoader(TensorDataset(images, targets), batch_size=5)
-    plain, mirrored = mirror_log_losses(_LeftMinusRight(), loader, settings=CPU)
-    assert plain == pytest.approx(evaluate(_LeftMinusRight(), loader, settings=CPU)["valid_log_loss"])
-    flipped = DataLoader(TensorDataset(images.flip(-1), targets), batch_size=5)
-    assert mirrored == pytest.approx(evaluate(_LeftMinusRight(), flipped, settings=CPU)["valid_log_loss"])
-    assert plain < 0.1 and mirrored > 3  # the mirror swaps the classes
-    symmetric = DataLoader(TensorDataset(images + images.flip(-1), targets), batch_size=5)
-    plain, mirrored = mirror_log_losses(_LeftMinusRight(), symmetric, settings=CPU)
-    assert plain == pytest.approx(mirrored) == pytest.approx(math.log(2))
 
 
 def test_train_one_epoch_sets_each_groups_lr_from_the_schedule():

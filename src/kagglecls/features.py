@@ -4,10 +4,12 @@ bounded by one batch), and the loaders that read them back for the head."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from kagglecls.atomic import building_folder, write_file, write_json
@@ -25,30 +27,54 @@ from kagglecls.loading import (
 from kagglecls.models import Classifier
 from kagglecls.params import Params
 
+PIXEL_GRID = 16  # the mirror check's view of an image: its normalised pixels averaged over a 16 x 16 grid
+PIXELS_SUFFIX = "_pixels"  # <split>_pixels.npy beside <split>.npy
+
+
+def pixel_grid(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, PIXEL_GRID, PIXEL_GRID): where an image is bright or dark, and which colour."""
+    return nn.functional.adaptive_avg_pool2d(images.float(), PIXEL_GRID)
+
 
 @torch.inference_mode()
 def write_features(
-    model: Classifier, loader: Iterable, *, n_items: int, path: Path, settings: StepSettings, description: str
+    model: Classifier,
+    loader: Iterable,
+    *,
+    n_items: int,
+    path: Path,
+    settings: StepSettings,
+    description: str,
+    pixels_path: Path | None = None,
 ) -> None:
-    """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically."""
+    """Run the body over `loader` (in order) and write an (n_items, 2C) float16 .npy, atomically; with
+    `pixels_path`, also each image's pixel_grid, flattened, as another."""
     model.eval()
-    array = None
+    outputs = {"features": path, "pixels": pixels_path}
+    arrays: dict[str, np.ndarray] = {}
     position = 0
-    with write_file(path) as temporary:
+    with ExitStack() as stack:
+        temporaries = {
+            kind: stack.enter_context(write_file(target)) for kind, target in outputs.items() if target
+        }
         for inputs, _targets in tqdm(loader, desc=description, leave=False):
             with settings.autocast():
-                features = model.features(settings.move(inputs)).float().cpu().numpy()
-            if array is None:
-                array = np.lib.format.open_memmap(
-                    temporary, mode="w+", dtype=np.float16, shape=(n_items, features.shape[1])
-                )
-            array[position : position + len(features)] = features
-            position += len(features)
-        if array is None:
+                rows = {"features": model.features(settings.move(inputs)).float().cpu().numpy()}
+            if pixels_path is not None:
+                rows["pixels"] = pixel_grid(inputs).flatten(1).numpy()
+            for kind, values in rows.items():
+                if kind not in arrays:
+                    arrays[kind] = np.lib.format.open_memmap(
+                        temporaries[kind], mode="w+", dtype=np.float16, shape=(n_items, values.shape[1])
+                    )
+                arrays[kind][position : position + len(values)] = values
+            position += len(rows["features"])
+        if not arrays:
             raise ValueError(f"{path}: nothing to precompute: the loader is empty")
         if position != n_items:
             raise AssertionError(f"{path}: wrote {position} rows, expected {n_items}")
-        array.flush()
+        for array in arrays.values():
+            array.flush()
 
 
 class FeatureBatches:
@@ -96,11 +122,12 @@ class FeatureBatches:
             yield inputs, torch.from_numpy(self.labels[indices].astype(np.int64))
 
 
-def split_features(features_dir: Path, split: Split) -> np.ndarray:
-    """The split's rows of precompute's activations: a whole array memory-mapped, or a fold's rows of them."""
+def split_features(features_dir: Path, split: Split, *, suffix: str = "") -> np.ndarray:
+    """The split's rows of precompute's activations (or with PIXELS_SUFFIX its pixel grids): a whole array
+    memory-mapped, or a fold's rows of them."""
     arrays = []
     for name, positions in split.parts:
-        array = np.load(features_dir / f"{name}.npy", mmap_mode="r")
+        array = np.load(features_dir / f"{name}{suffix}.npy", mmap_mode="r")
         # positions are ascending and distinct: as many as the array's rows means all of them, in order
         arrays.append(array if len(array) == len(positions) else array[positions])
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
@@ -136,6 +163,7 @@ def precompute(*, params: Params, reorganised: Path, cache_dir: Path, out_dir: P
                 path=temporary / f"{name}.npy",
                 settings=settings,
                 description=f"precompute {name}",
+                pixels_path=temporary / f"{name}{PIXELS_SUFFIX}.npy" if name != "test" else None,
             )
         write_json(
             {

@@ -114,15 +114,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, settings: StepSettings) -> d
     }
 
 
-def mirror_log_losses(model: nn.Module, loader: Iterable, *, settings: StepSettings) -> tuple[float, float]:
-    """Valid log loss of `loader`'s images as they are and mirrored left to right (each batch decoded once)."""
-    both = ((torch.stack([inputs, inputs.flip(-1)], dim=1), targets) for inputs, targets in loader)
-    probabilities, targets = predict_probabilities(
-        model, both, settings=settings, description="valid, mirrored", views=True
-    )
-    return log_loss(probabilities[:, 0], targets), log_loss(probabilities[:, 1], targets)
-
-
 @dataclass(frozen=True)
 class FitPlan:
     epochs: int
