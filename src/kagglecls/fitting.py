@@ -141,7 +141,11 @@ def each_fold(
         each = [{"fold": fold, **figure} for fold, figure in enumerate(figures, 1)]
         write_json({"folds": each}, outputs.folds / "folds.json")
     if folds > 1:
-        mean = {name: float(np.mean([figure[name] for figure in figures])) for name in figures[0]}
+        # numbers averaged; a word (augmentation) is the same for every fold
+        mean = {
+            name: float(np.mean(values)) if not isinstance(values[0], str) else values[0]
+            for name, values in ((name, [figure[name] for figure in figures]) for name in figures[0])
+        }
         write_json({stage: {**mean, "folds": folds}}, outputs.live / "metrics.json")
         log.info("%s: mean valid log loss over %d folds %.4f", stage, folds, mean["log_loss"])
 
@@ -604,9 +608,10 @@ MIRROR_TOLERANCE = 1.5
 MIRROR_CHECK_L2 = 0.1  # the check's logistic regression: L2 penalty (logistic.fit_logistic's, per row)
 
 
-def augmentation_for(log_loss: float, mirrored_log_loss: float) -> str:
-    """side_on where mirrored images score about as well as the images as they are, else basic."""
-    return "side_on" if mirrored_log_loss <= MIRROR_TOLERANCE * log_loss else "basic"
+def augmentation_for(plain: float, mirrored: float) -> str:
+    """side_on where the mirror check's valid log loss on mirrored images (`mirrored`) is about what it is on the
+    images as they are (`plain`), else basic."""
+    return "side_on" if mirrored <= MIRROR_TOLERANCE * plain else "basic"
 
 
 def choose_augmentation(reorganised: Path, features_dir: Path) -> tuple[str, dict[str, float]]:

@@ -177,8 +177,8 @@ class HeadParams(FitParams):
 
 @dataclass(frozen=True)
 class AugmentedFitParams(FitParams):
-    # auto: side_on, or basic (no flips) where the head's valid log loss on mirrored images says a mirror
-    # changes the class (digits, text); finetune's auto: what the model it starts from was trained with
+    # auto: side_on, or basic (no flips) where a mirror changes the class (digits, text), by train_augmented's
+    # mirror check (fitting.choose_augmentation); finetune's auto: what the model it starts from was trained with
     augmentation: Literal["auto", "side_on", "top_down", "basic", "none"] = "auto"
     max_zoom: float = ranged(1.1, ">= 1")
     # best_cycle_end: the weights at the cycle end (or the start) with the lowest valid log loss; last_epoch
