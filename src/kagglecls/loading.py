@@ -118,7 +118,8 @@ def trained_augmentation(fit_params: AugmentedFitParams, model_path: Path) -> st
     (side_on for a file that does not say)."""
     if fit_params.augmentation != "auto":
         return fit_params.augmentation
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    # mmap: the weights, which the caller loads anyway, are not read a second time
+    state = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
     return state.get("augmentation", "side_on")
 
 
