@@ -45,6 +45,15 @@ def test_plan_fit_validates_the_cycle_ends_unless_asked_for_every_epoch():
     assert (head.epochs, head.snapshot_epochs, head.valid_epochs) == (3, (), None)
 
 
+def test_plan_fit_of_each_size_takes_that_sizes_n_cycle():
+    finetune = FinetuneParams(sizes=(64, 96), n_cycle=(2, 3), cycle_len=1, cycle_mult=2)
+    small, large = (
+        fitting.plan_fit(finetune.for_round(index), steps_per_epoch=5, seed=1) for index in (0, 1)
+    )
+    assert (small.epochs, small.snapshot_epochs) == (3, (0, 1, 3))  # 1 + 2 epochs at 64 px
+    assert (large.epochs, large.snapshot_epochs) == (7, (0, 1, 3, 7))  # 1 + 2 + 4 at 96 px
+
+
 def test_augmentation_auto_drops_flips_where_a_mirror_raises_the_valid_log_loss():
     assert fitting.augmentation_for(0.50, 0.52) == "side_on"  # photos: a mirror keeps the class
     assert fitting.augmentation_for(0.50, 0.50 * fitting.MIRROR_TOLERANCE) == "side_on"

@@ -115,6 +115,10 @@ def test_unknown_key_lists_the_allowed_keys():
         ({"data": {"valid_pct": "0.2"}}, "data.valid_pct: '0.2' is not allowed; expected a number"),
         ({"train_head": {"lr": "fast"}}, "train_head.lr: 'fast' is not allowed; expected a number or auto"),
         ({"finetune": {"sizes": 64}}, "finetune.sizes: 64 is not allowed; expected a list"),
+        (
+            {"finetune": {"n_cycle": 2.5}},
+            "finetune.n_cycle: 2.5 is not allowed; expected an integer or a list of integers",
+        ),
         ({"base": []}, "base: expected a mapping, found []"),
     ],
 )
@@ -153,6 +157,11 @@ def test_wrong_type_names_key_value_and_type(raw, expected):
             "train_head.lr_find.start_lr: 0.0 is out of range; allowed: > 0",
         ),
         ({"predict_tta": {"beta": 2}}, "predict_tta.beta: 2.0 is out of range; allowed: [0, 1]"),
+        ({"finetune": {"n_cycle": [2, 0]}}, "finetune.n_cycle: [2, 0] is out of range; allowed: >= 1"),
+        (
+            {"finetune": {"n_cycle": []}},
+            "finetune.n_cycle: [] is out of range; allowed: an integer, or a list",
+        ),
         (
             {"model": {"head_hidden": [512, 256]}},
             "model.head_dropout: [0.25] is out of range; allowed: 3 values, one per linear layer",
@@ -187,3 +196,18 @@ def test_num_workers_is_auto_or_a_count():
     assert params_from_mapping({"base": {"num_workers": 3}}).base.num_workers == 3
     assert "base.num_workers: 'many' is not allowed" in _error({"base": {"num_workers": "many"}})
     assert "base.num_workers" in _error({"base": {"num_workers": -1}})
+
+
+@pytest.mark.parametrize(
+    ("sizes", "n_cycle", "per_size"),
+    [
+        ([64, 96], [2, 3], [2, 3]),
+        ([128], [2, 3], [3]),  # one size: the last value
+        ([48, 64, 96], [2, 3], [2, 2, 3]),  # more sizes than values: the first value repeats
+        ([64, 96], 3, [3, 3]),  # one number: every size
+    ],
+)
+def test_finetune_n_cycle_per_size_counts_from_the_last_size(sizes, n_cycle, per_size):
+    finetune = params_from_mapping({"finetune": {"sizes": sizes, "n_cycle": n_cycle}}).finetune
+    assert [finetune.for_round(index).n_cycle for index in range(len(sizes))] == per_size
+    assert params_from_mapping({"train_augmented": {"n_cycle": 2}}).train_augmented.for_round(0).n_cycle == 2

@@ -544,7 +544,9 @@ def _fit_images(
                 context=context,
             )
             plan = plan_fit(
-                fit_params, steps_per_epoch=len(train_loader), seed=params.base.seed + round_index
+                fit_params.for_round(round_index),
+                steps_per_epoch=len(train_loader),
+                seed=params.base.seed + round_index,
             )
             checkpoint = outputs.checkpoint and outputs.checkpoint.with_name(
                 f"{outputs.checkpoint.stem}_{size}{outputs.checkpoint.suffix}"

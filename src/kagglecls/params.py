@@ -164,6 +164,10 @@ class FitParams(_Section):
     weight_decay: float = ranged(0.01, ">= 0")
     batch_size: int | None = ranged(None, ">= 1")
 
+    def for_round(self, index: int) -> FitParams:
+        """The params of the fit at the `index`-th image size (finetune's sizes; one size elsewhere)."""
+        return self
+
 
 @dataclass(frozen=True)
 class HeadParams(FitParams):
@@ -198,10 +202,22 @@ class FinetuneParams(AugmentedFitParams):
     freeze_to: int = ranged(0, ">= 0")
     bn_statistics: Literal["frozen", "batch"] = "frozen"
     sizes: tuple[int, ...] = ranged((64,), f">= {MIN_IMAGE_SIZE}")
+    # One number for every size, or one per size counted from the last: the last size takes the last value,
+    # each earlier size the value before it, and sizes before the first value take the first.
+    n_cycle: int | tuple[int, ...] = ranged(1, ">= 1")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(len(self.sizes) >= 1, "sizes", list(self.sizes), "at least one size")
+        if isinstance(self.n_cycle, tuple):
+            _check(len(self.n_cycle) >= 1, "n_cycle", [], "an integer, or a list of one or more")
+
+    def for_round(self, index: int) -> FinetuneParams:
+        """These params with the n_cycle of the `index`-th of the sizes (a plain number)."""
+        if not isinstance(self.n_cycle, tuple):
+            return self
+        position = max(0, len(self.n_cycle) - len(self.sizes) + index)
+        return dataclasses.replace(self, n_cycle=self.n_cycle[position])
 
 
 @dataclass(frozen=True)
@@ -316,6 +332,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(str(item) for item in typing.get_args(hint))
     if hint is type(None):
         return "null"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
